@@ -1,0 +1,25 @@
+"""The ``ncserve`` command line. Each subcommand lives in its own module."""
+
+from __future__ import annotations
+
+import click
+
+from ncserve import __version__
+from ncserve.cli.compute import compute
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="ncserve")
+def cli() -> None:
+    """ncserve: exact Neural Collapse metrics (NC0-NC4) for distributed training runs.
+
+    Compute metrics from saved features, run the metrics service that training
+    ranks report to, and query, watch or report on the runs it holds.
+    """
+
+
+cli.add_command(compute)
+
+
+def main() -> None:
+    cli()
