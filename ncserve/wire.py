@@ -1,0 +1,257 @@
+"""Tensor transport of the v1 API: a dict of numpy arrays <-> a stream of TensorChunk.
+
+Shared by the service and the client so both sides agree byte for byte.
+
+A stream is the tensors in the order given, each split into pieces of at most
+``MAX_PIECE_BYTES`` raw little-endian bytes (float64 or int64), numbered from 0,
+then one trailer with the number of pieces and tensors, the total byte count and
+the CRC-32 of all bytes. ``ArrayAssembler`` rebuilds the arrays and rejects a
+stream with a gap, a repeat, a truncation, a size or checksum mismatch, or a
+tensor that is not what it claims to be, raising ``WireError`` with the field
+and the value at fault.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import zlib
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from ncserve.v1 import ncserve_pb2 as pb
+
+MAX_PIECE_BYTES = 1 << 20
+"""Largest ``TensorPiece.data`` on the wire (1 MiB), far under gRPC's 4 MiB default."""
+
+_WIRE_DTYPES: dict[int, np.dtype] = {
+    pb.DTYPE_FLOAT64: np.dtype("<f8"),
+    pb.DTYPE_INT64: np.dtype("<i8"),
+}
+
+
+class WireError(ValueError):
+    """A tensor stream that cannot be trusted.
+
+    ``reason`` is one of ``invalid_argument`` (a malformed field) or ``truncated``
+    (the stream ended before its trailer), so callers can count rejections by kind.
+    """
+
+    def __init__(self, message: str, reason: str = "invalid_argument") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def wire_dtype(array: np.ndarray) -> tuple[int, np.dtype]:
+    """The wire type an array travels as: integers and booleans as int64, floats as float64."""
+    kind = array.dtype.kind
+    if kind in "iub":
+        return pb.DTYPE_INT64, _WIRE_DTYPES[pb.DTYPE_INT64]
+    if kind == "f":
+        return pb.DTYPE_FLOAT64, _WIRE_DTYPES[pb.DTYPE_FLOAT64]
+    raise TypeError(f"array dtype {array.dtype} cannot travel on the wire (only ints and floats)")
+
+
+def encode_arrays(
+    arrays: Mapping[str, np.ndarray], max_piece_bytes: int = MAX_PIECE_BYTES
+) -> Iterator[pb.TensorChunk]:
+    """Yield the chunks of a stream carrying ``arrays`` (in insertion order), trailer last."""
+    if not 0 < max_piece_bytes <= MAX_PIECE_BYTES:
+        raise ValueError(
+            f"max_piece_bytes must be in (0, {MAX_PIECE_BYTES}], got {max_piece_bytes}"
+        )
+    seq = 0
+    total = 0
+    crc = 0
+    for name, value in arrays.items():
+        array = np.asarray(value)
+        code, dtype = wire_dtype(array)
+        raw = memoryview(np.ascontiguousarray(array, dtype=dtype).reshape(-1)).cast("B")
+        shape = list(array.shape)
+        # An empty tensor still needs one piece so the receiver learns its name and shape.
+        offsets = range(0, max(len(raw), 1), max_piece_bytes)
+        for offset in offsets:
+            data = bytes(raw[offset : offset + max_piece_bytes])
+            crc = zlib.crc32(data, crc)
+            total += len(data)
+            yield pb.TensorChunk(
+                seq=seq,
+                piece=pb.TensorPiece(name=name, dtype=code, shape=shape, offset=offset, data=data),
+            )
+            seq += 1
+    yield pb.TensorChunk(
+        seq=seq,
+        trailer=pb.StreamTrailer(
+            num_pieces=seq, num_tensors=len(arrays), total_bytes=total, crc32=crc
+        ),
+    )
+
+
+@dataclass
+class _TensorBuffer:
+    """The tensor being received: its declared type and shape, and the bytes so far."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    buffer: bytearray
+    filled: int = 0
+
+
+class ArrayAssembler:
+    """Rebuild arrays from TensorChunk messages fed one at a time, validating as it goes.
+
+    ``max_total_bytes`` bounds what a sender can make the receiver allocate; it is
+    checked against each tensor's declared shape before any buffer is allocated.
+    """
+
+    def __init__(self, max_total_bytes: int, max_tensors: int = 64) -> None:
+        self._max_total_bytes = max_total_bytes
+        self._max_tensors = max_tensors
+        self._arrays: dict[str, np.ndarray] = {}
+        self._current: _TensorBuffer | None = None
+        self._declared_bytes = 0
+        self._next_seq = 0
+        self._received = 0
+        self._crc = 0
+        self._sha256 = hashlib.sha256()
+        self._done = False
+
+    @property
+    def complete(self) -> bool:
+        """Whether the trailer arrived and matched."""
+        return self._done
+
+    @property
+    def payload_bytes(self) -> int:
+        return self._received
+
+    @property
+    def sha256_hex(self) -> str:
+        """SHA-256 of the tensor bytes in stream order (the identity of a shard's payload)."""
+        return self._sha256.hexdigest()
+
+    def feed(self, chunk: pb.TensorChunk) -> None:
+        if self._done:
+            raise WireError(f"chunk seq={chunk.seq} arrived after the trailer")
+        if chunk.seq != self._next_seq:
+            kind = "repeated" if chunk.seq < self._next_seq else "out of order (gap)"
+            raise WireError(f"chunk seq={chunk.seq} is {kind}: expected seq={self._next_seq}")
+        self._next_seq += 1
+        which = chunk.WhichOneof("body")
+        if which == "piece":
+            self._feed_piece(chunk.piece)
+        elif which == "trailer":
+            self._finish(chunk.trailer)
+        else:
+            raise WireError(f"chunk seq={chunk.seq} carries neither a piece nor a trailer")
+
+    def _feed_piece(self, piece: pb.TensorPiece) -> None:
+        if len(piece.data) > MAX_PIECE_BYTES:
+            raise WireError(
+                f"piece of tensor {piece.name!r} has {len(piece.data)} bytes of data; "
+                f"at most {MAX_PIECE_BYTES} allowed"
+            )
+        if self._current is not None and piece.name != self._current.name:
+            self._close_current()
+        if self._current is None:
+            self._current = self._open(piece)
+        current = self._current
+        name = current.name
+        if piece.dtype != _code_of(current.dtype) or tuple(piece.shape) != current.shape:
+            raise WireError(
+                f"tensor {name!r} changed dtype/shape between pieces: "
+                f"dtype={piece.dtype} shape={list(piece.shape)}"
+            )
+        if piece.offset != current.filled:
+            raise WireError(
+                f"tensor {name!r} piece offset={piece.offset}; expected offset={current.filled}"
+            )
+        end = current.filled + len(piece.data)
+        if end > len(current.buffer):
+            raise WireError(
+                f"tensor {name!r} has more than the {len(current.buffer)} bytes "
+                f"its shape {list(current.shape)} holds"
+            )
+        current.buffer[current.filled : end] = piece.data
+        current.filled = end
+        self._received += len(piece.data)
+        self._crc = zlib.crc32(piece.data, self._crc)
+        self._sha256.update(piece.data)
+
+    def _open(self, piece: pb.TensorPiece) -> _TensorBuffer:
+        name = piece.name
+        if not name:
+            raise WireError("tensor name is empty")
+        if name in self._arrays:
+            raise WireError(f"tensor {name!r} sent twice")
+        if len(self._arrays) >= self._max_tensors:
+            raise WireError(f"more than {self._max_tensors} tensors in one stream")
+        dtype = _WIRE_DTYPES.get(piece.dtype)
+        if dtype is None:
+            raise WireError(f"tensor {name!r} has dtype={piece.dtype}; expected FLOAT64 or INT64")
+        shape = tuple(int(d) for d in piece.shape)
+        if any(d < 0 for d in shape) or len(shape) > 4:
+            raise WireError(f"tensor {name!r} has invalid shape={list(shape)}")
+        expected = math.prod(shape) * dtype.itemsize
+        self._declared_bytes += expected
+        if self._declared_bytes > self._max_total_bytes:
+            raise WireError(
+                f"tensor {name!r} with shape={list(shape)} takes the stream past its limit "
+                f"of {self._max_total_bytes} bytes",
+                reason="resource_exhausted",
+            )
+        # Allocated once at the declared size (already checked against the limit), then filled.
+        return _TensorBuffer(name, dtype, shape, bytearray(expected))
+
+    def _close_current(self) -> None:
+        current = self._current
+        assert current is not None
+        if current.filled != len(current.buffer):
+            raise WireError(
+                f"tensor {current.name!r} ended after {current.filled} of the "
+                f"{len(current.buffer)} bytes its shape {list(current.shape)} holds"
+            )
+        self._arrays[current.name] = np.frombuffer(current.buffer, dtype=current.dtype).reshape(
+            current.shape
+        )
+        self._current = None
+
+    def _finish(self, trailer: pb.StreamTrailer) -> None:
+        if self._current is not None:
+            self._close_current()
+        pieces = self._next_seq - 1
+        checks = (
+            ("num_pieces", trailer.num_pieces, pieces),
+            ("num_tensors", trailer.num_tensors, len(self._arrays)),
+            ("total_bytes", trailer.total_bytes, self._received),
+            ("crc32", trailer.crc32, self._crc),
+        )
+        for field, claimed, actual in checks:
+            if claimed != actual:
+                raise WireError(f"trailer {field}={claimed} but the stream carried {actual}")
+        self._done = True
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The rebuilt arrays (little-endian); the stream must be complete."""
+        if not self._done:
+            raise WireError(
+                f"stream truncated after {self._next_seq} chunks: no trailer", reason="truncated"
+            )
+        return dict(self._arrays)
+
+
+def _code_of(dtype: np.dtype) -> int:
+    return pb.DTYPE_FLOAT64 if dtype.kind == "f" else pb.DTYPE_INT64
+
+
+def decode_arrays(
+    chunks: Iterable[pb.TensorChunk], max_total_bytes: int = 1 << 34
+) -> dict[str, np.ndarray]:
+    """Rebuild the arrays of a whole stream (see ``ArrayAssembler``)."""
+    assembler = ArrayAssembler(max_total_bytes=max_total_bytes)
+    for chunk in chunks:
+        assembler.feed(chunk)
+    return assembler.arrays()
