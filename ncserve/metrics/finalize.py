@@ -1,0 +1,228 @@
+"""Finalize NC0..NC4 (and variants) from merged round-1 and round-2 statistics, in float64.
+
+Legend: K classes, P feature dim; ``mubar_KP`` rows are mu_k - mu_G (so M = mubar_KP.T),
+``w_KP`` the last-layer weight, ``b_K`` its bias.
+
+Nothing here forms a P x P within-class covariance when K <= P, and nothing forms a
+K x K matrix when K > P: pairwise quantities are computed in row tiles and the ETF
+distances through trace identities. Conventions are documented in docs/metrics.md.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+
+from ncserve.metrics.errors import MetricInputError
+from ncserve.metrics.stats import Round1Stats, Round2Stats, block_rows
+
+METRIC_KEYS: tuple[str, ...] = (
+    "nc0",
+    "nc0_normalized",
+    "nc1",
+    "nc1_trace_ratio",
+    "cdnv",
+    "nc2_norm",
+    "nc2_angle",
+    "nc2",
+    "nc2w_norm",
+    "nc2w_angle",
+    "nc2w",
+    "nc2m",
+    "nc3",
+    "nc4",
+    "accuracy",
+)
+
+_EPS = float(np.finfo(np.float64).eps)
+
+
+def rank_tolerance(singular_values: np.ndarray, shape: tuple[int, int]) -> float:
+    """Singular values at or below this are treated as exact zeros.
+
+    The float64 machine epsilon times the largest dimension, relative to the largest singular
+    value of M itself (not of M^T M, whose eigenvalues square the condition number): small
+    but real between-class directions, which dominate NC1 at K = 1000, are kept.
+    """
+    if singular_values.size == 0:
+        return 0.0
+    return float(singular_values.max()) * max(shape) * _EPS
+
+
+def nc0_from_weight(w_KP: np.ndarray) -> tuple[float, float]:
+    """(nc0, nc0_normalized): ||W^T 1_K||_2 and the same divided by ||W||_F."""
+    w64 = np.asarray(w_KP, dtype=np.float64)
+    if w64.ndim != 2:
+        raise MetricInputError(f"weight must be 2-D (K x P), got shape {w64.shape}")
+    if not np.isfinite(w64).all():
+        raise MetricInputError("weight contains NaN or Inf")
+    nc0 = float(np.linalg.norm(w64.sum(axis=0)))
+    frob = float(np.linalg.norm(w64))
+    return nc0, (nc0 / frob if frob > 0 else math.nan)
+
+
+def _etf_distance_direct(gram_KK: np.ndarray) -> float:
+    """|| G/||G||_F - Mstar ||_F with Mstar = (I - 11^T/K)/sqrt(K-1), formed explicitly."""
+    K = gram_KK.shape[0]
+    norm = np.linalg.norm(gram_KK)
+    if norm == 0:
+        return math.nan
+    target = (np.eye(K) - np.full((K, K), 1.0 / K)) / math.sqrt(K - 1)
+    return float(np.linalg.norm(gram_KK / norm - target))
+
+
+def _etf_distance_identity(trace: float, total: float, frob: float, K: int) -> float:
+    """The same distance from <G, Mstar> = (Tr G - 1^T G 1 / K) / sqrt(K-1) and ||Mstar||_F = 1.
+
+    Used when K > P, where G has rank <= P < K-1 and so cannot be near the ETF: the
+    cancellation in 2 - 2<.,.> that would hurt near collapse cannot occur there.
+    """
+    if frob == 0:
+        return math.nan
+    inner = (trace - total / K) / math.sqrt(K - 1)
+    return math.sqrt(max(0.0, 2.0 - 2.0 * inner / frob))
+
+
+def _pairwise_mean(
+    x_KP: np.ndarray, pair_value: Callable[[slice, np.ndarray], np.ndarray]
+) -> float:
+    """Mean over ordered pairs k != l of pair_value, computed in row tiles of the Gram."""
+    K = x_KP.shape[0]
+    total = 0.0
+    rows = block_rows(K, K)
+    for start in range(0, K, rows):
+        sl = slice(start, min(K, start + rows))
+        tile = pair_value(sl, x_KP[sl] @ x_KP.T)
+        idx = np.arange(sl.start, sl.stop)
+        tile[idx - sl.start, idx] = 0.0
+        total += float(tile.sum())
+    return total / (K * (K - 1))
+
+
+def _equinorm(x_KP: np.ndarray) -> float:
+    norms = np.linalg.norm(x_KP, axis=1)
+    mean = float(norms.mean())
+    return float(norms.std()) / mean if mean > 0 else math.nan
+
+
+def _equiangularity(x_KP: np.ndarray) -> float:
+    K = x_KP.shape[0]
+    norms = np.linalg.norm(x_KP, axis=1)
+    if (norms == 0).any():
+        return math.nan
+    unit_KP = x_KP / norms[:, None]
+    shift = 1.0 / (K - 1)
+    return _pairwise_mean(unit_KP, lambda sl, cos: np.abs(cos + shift))
+
+
+def _gram_etf_distance(x_KP: np.ndarray) -> float:
+    """Distance of the Gram x x^T (K x K), scale-normalized, to the simplex ETF."""
+    K, P = x_KP.shape
+    if K <= P:
+        return _etf_distance_direct(x_KP @ x_KP.T)
+    colsum_P = x_KP.sum(axis=0)
+    # ||x x^T||_F == ||x^T x||_F, a P x P product.
+    frob = float(np.linalg.norm(x_KP.T @ x_KP))
+    return _etf_distance_identity(float(np.sum(x_KP * x_KP)), float(colsum_P @ colsum_P), frob, K)
+
+
+def _cdnv(mubar_KP: np.ndarray, var_K: np.ndarray) -> float:
+    sq_K = np.einsum("kp,kp->k", mubar_KP, mubar_KP)
+
+    def pair(sl: slice, gram: np.ndarray) -> np.ndarray:
+        dist_sq = sq_K[sl, None] + sq_K[None, :] - 2.0 * gram
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return (var_K[sl, None] + var_K[None, :]) / (2.0 * dist_sq)
+
+    return _pairwise_mean(mubar_KP, pair)
+
+
+def _nc1(mubar_KP: np.ndarray, r2: Round2Stats, num_samples: int) -> float:
+    """Tr(Sigma_W Sigma_B^+) / K from the shipped scatter, through the SVD of M."""
+    K, P = mubar_KP.shape
+    # mubar_KP = V S U^T, i.e. M = U S V^T (thin SVD, float64).
+    v_KR, s_R, ut_RP = np.linalg.svd(mubar_KP, full_matrices=False)
+    keep = s_R > rank_tolerance(s_R, (K, P))
+    if not keep.any():
+        return math.nan
+    s = s_R[keep]
+    if K <= P:
+        # nc1 = sum_i v_i^T (G/N) v_i / s_i^4, with G the K x K projected scatter.
+        v = v_KR[:, keep]
+        quad = np.einsum("ki,kl,li->i", v, r2.scatter, v) / num_samples
+        return float(np.sum(quad / s**4))
+    # nc1 = sum_i u_i^T (S/N) u_i / s_i^2, with S the P x P centered scatter.
+    u = ut_RP[keep].T
+    quad = np.einsum("pi,pq,qi->i", u, r2.scatter, u) / num_samples
+    return float(np.sum(quad / s**2))
+
+
+def _nc2m(w_KP: np.ndarray, mubar_KP: np.ndarray) -> float:
+    """|| W M / ||W M||_F - Mstar ||_F (the product form of self-duality)."""
+    K, P = w_KP.shape
+    if K <= P:
+        return _etf_distance_direct(w_KP @ mubar_KP.T)
+    trace = float(np.sum(w_KP * mubar_KP))
+    total = float(w_KP.sum(axis=0) @ mubar_KP.sum(axis=0))
+    frob_sq = float(np.sum((w_KP.T @ w_KP) * (mubar_KP.T @ mubar_KP)))
+    return _etf_distance_identity(trace, total, math.sqrt(max(frob_sq, 0.0)), K)
+
+
+def finalize(
+    r1: Round1Stats,
+    r2: Round2Stats,
+    w_KP: np.ndarray,
+    b_K: np.ndarray | None = None,
+) -> dict[str, float]:
+    """Every metric of METRIC_KEYS plus num_samples, num_classes and feature_dim.
+
+    ``b_K`` is accepted for symmetry with round 2 (NC4 used it there); nothing here needs it.
+    """
+    K, P = r1.num_classes, r1.feature_dim
+    w64 = np.asarray(w_KP, dtype=np.float64)
+    if w64.shape != (K, P):
+        raise MetricInputError(f"weight must have shape (K, P) = {(K, P)}, got {w64.shape}")
+    if b_K is not None and np.asarray(b_K).shape != (K,):
+        raise MetricInputError(f"bias must have shape (K,) = {(K,)}, got {np.asarray(b_K).shape}")
+    means = r1.class_means()
+    N = means.num_samples
+    if r2.num_samples != N:
+        raise MetricInputError(
+            f"round 2 covers {r2.num_samples} samples but round 1 covered {N}"
+        )
+    if r2.scatter.shape[0] != Round2Stats.scatter_dim(K, P):
+        raise MetricInputError(f"round-2 scatter has shape {r2.scatter.shape} for K={K}, P={P}")
+    nc0, nc0_normalized = nc0_from_weight(w64)
+    mubar_KP = means.centered()
+    var_K = r2.sq_resid_K / means.counts_K
+    between_trace = float(np.sum(mubar_KP * mubar_KP)) / K
+    within_trace = float(r2.sq_resid_K.sum()) / N
+    w_frob = float(np.linalg.norm(w64))
+    m_frob = math.sqrt(between_trace * K)
+    nc3 = (
+        float(np.linalg.norm(w64 / w_frob - mubar_KP / m_frob))
+        if w_frob > 0 and m_frob > 0
+        else math.nan
+    )
+    return {
+        "nc0": nc0,
+        "nc0_normalized": nc0_normalized,
+        "nc1": _nc1(mubar_KP, r2, N),
+        "nc1_trace_ratio": within_trace / between_trace if between_trace > 0 else math.nan,
+        "cdnv": _cdnv(mubar_KP, var_K),
+        "nc2_norm": _equinorm(mubar_KP),
+        "nc2_angle": _equiangularity(mubar_KP),
+        "nc2": _gram_etf_distance(mubar_KP),
+        "nc2w_norm": _equinorm(w64),
+        "nc2w_angle": _equiangularity(w64),
+        "nc2w": _gram_etf_distance(w64),
+        "nc2m": _nc2m(w64, mubar_KP),
+        "nc3": nc3,
+        "nc4": r2.ncc_agree / N,
+        "accuracy": r2.correct / N,
+        "num_samples": N,
+        "num_classes": K,
+        "feature_dim": P,
+    }

@@ -1,0 +1,392 @@
+"""Per-shard sufficient statistics for the two measurement rounds, and their exact merge.
+
+Legend: N samples, K classes, P feature dim; ``h_NP`` features, ``y_N`` labels,
+``w_KP`` last-layer weight, ``b_K`` its bias, ``mubar_KP`` class means minus the global mean.
+
+Round 1 ships counts, class sums and the within-class squared deviations around the
+shard's own class means (merged across blocks with Chan's correction). Round 2, given the
+global class means, ships the K x K projected scatter G = sum_n q_n q_n^T with
+q_n = M^T (h_n - mu_{y_n}) when K <= P, or the centered P x P scatter when K > P, plus
+per-class squared residual sums and NCC-agreement counts. Everything is float64 and
+centered before it is squared, whatever the dtype of the features.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from ncserve.metrics.errors import MetricInputError
+
+# Rows per block are chosen so one float64 block of width max(K, P) stays near this size:
+# large enough to keep BLAS efficient, small enough that K = 20,000 fits in memory.
+_BLOCK_ELEMENTS = 1 << 21
+
+
+def block_rows(width: int, num_rows: int) -> int:
+    """How many rows of a float64 array ``width`` wide to process at once."""
+    return max(16, min(num_rows, _BLOCK_ELEMENTS // max(1, width)))
+
+
+def _row_blocks(num_rows: int, rows: int) -> Iterator[slice]:
+    for start in range(0, num_rows, rows):
+        yield slice(start, min(num_rows, start + rows))
+
+
+def check_features(h_NP: np.ndarray, y_N: np.ndarray, num_classes: int) -> None:
+    """Validate one block of features and labels; raise MetricInputError naming the problem."""
+    if not isinstance(num_classes, (int, np.integer)) or num_classes < 2:
+        raise MetricInputError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+    if h_NP.ndim != 2:
+        raise MetricInputError(f"features must be 2-D (N x P), got shape {h_NP.shape}")
+    if y_N.ndim != 1 or y_N.shape[0] != h_NP.shape[0]:
+        raise MetricInputError(
+            f"labels must be 1-D with one label per feature row ({h_NP.shape[0]}), "
+            f"got shape {y_N.shape}"
+        )
+    if h_NP.shape[1] < 1:
+        raise MetricInputError("features have no columns (feature_dim 0)")
+    if not (np.issubdtype(h_NP.dtype, np.floating) or np.issubdtype(h_NP.dtype, np.integer)):
+        raise MetricInputError(f"features must be numeric, got dtype {h_NP.dtype}")
+    if not np.issubdtype(y_N.dtype, np.integer):
+        raise MetricInputError(f"labels must be integers, got dtype {y_N.dtype}")
+    if y_N.size:
+        lo, hi = int(y_N.min()), int(y_N.max())
+        if lo < 0 or hi >= num_classes:
+            bad = lo if lo < 0 else hi
+            raise MetricInputError(
+                f"labels must lie in [0, {num_classes - 1}] for num_classes={num_classes}, "
+                f"found label {bad}"
+            )
+    if np.issubdtype(h_NP.dtype, np.floating):
+        rows = block_rows(h_NP.shape[1], h_NP.shape[0])
+        for sl in _row_blocks(h_NP.shape[0], rows):
+            block = h_NP[sl]
+            if not np.isfinite(block).all():
+                bad_row = sl.start + int(np.argwhere(~np.isfinite(block))[0, 0])
+                raise MetricInputError(f"features contain NaN or Inf (first at row {bad_row})")
+
+
+def _class_sums(h_NP: np.ndarray, y_N: np.ndarray, num_classes: int) -> np.ndarray:
+    """Per-class sums of float64 rows, by sorting labels (no K x N one-hot, any K)."""
+    sums_KP = np.zeros((num_classes, h_NP.shape[1]), dtype=np.float64)
+    if y_N.size == 0:
+        return sums_KP
+    order = np.argsort(y_N, kind="stable")
+    y_sorted = y_N[order]
+    starts = np.flatnonzero(np.r_[True, y_sorted[1:] != y_sorted[:-1]])
+    sums_KP[y_sorted[starts]] = np.add.reduceat(h_NP[order], starts, axis=0)
+    return sums_KP
+
+
+def _as_array(arrays: Mapping[str, np.ndarray], key: str, where: str) -> np.ndarray:
+    if key not in arrays:
+        raise MetricInputError(f"{where}: missing field '{key}'")
+    return np.asarray(arrays[key])
+
+
+def _expect(arr: np.ndarray, name: str, shape: tuple[int, ...], kind: str) -> np.ndarray:
+    if arr.shape != shape:
+        raise MetricInputError(f"field '{name}' must have shape {shape}, got {arr.shape}")
+    if kind == "int":
+        if not np.issubdtype(arr.dtype, np.integer):
+            raise MetricInputError(f"field '{name}' must be integer counts, got dtype {arr.dtype}")
+        if arr.size and int(arr.min()) < 0:
+            raise MetricInputError(f"field '{name}' has a negative count ({int(arr.min())})")
+        return arr.astype(np.int64)
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise MetricInputError(f"field '{name}' must be floating point, got dtype {arr.dtype}")
+    out = arr.astype(np.float64)
+    if not np.isfinite(out).all():
+        raise MetricInputError(f"field '{name}' contains NaN or Inf")
+    return out
+
+
+def _scalar_count(arrays: Mapping[str, np.ndarray], key: str, where: str) -> int:
+    arr = _as_array(arrays, key, where)
+    if arr.shape not in ((), (1,)) or not np.issubdtype(arr.dtype, np.integer):
+        raise MetricInputError(
+            f"field '{key}' must be one integer count, got shape {arr.shape} dtype {arr.dtype}"
+        )
+    value = int(arr.reshape(()))
+    if value < 0:
+        raise MetricInputError(f"field '{key}' must be >= 0, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class ClassMeans:
+    """The global class means that round 1 hands back to every rank."""
+
+    counts_K: np.ndarray
+    means_KP: np.ndarray
+    global_mean_P: np.ndarray
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.means_KP.shape[0])
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.means_KP.shape[1])
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.counts_K.sum())
+
+    def centered(self) -> np.ndarray:
+        """mubar_KP: each class mean minus the global mean (the columns of M, as rows)."""
+        return self.means_KP - self.global_mean_P
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        return {
+            "counts": self.counts_K,
+            "means": self.means_KP,
+            "global_mean": self.global_mean_P,
+        }
+
+    @classmethod
+    def from_arrays(
+        cls, arrays: Mapping[str, np.ndarray], num_classes: int, feature_dim: int
+    ) -> ClassMeans:
+        where = "class means"
+        K, P = num_classes, feature_dim
+        counts = _expect(_as_array(arrays, "counts", where), "counts", (K,), "int")
+        means = _expect(_as_array(arrays, "means", where), "means", (K, P), "float")
+        gmean = _expect(_as_array(arrays, "global_mean", where), "global_mean", (P,), "float")
+        return cls(counts, means, gmean)
+
+
+@dataclass(frozen=True)
+class Round1Stats:
+    """Round-1 sufficient statistics of one shard (or of several, merged).
+
+    ``sq_dev_K[k]`` is the sum over class-k samples of ``||h - m_k||^2`` where ``m_k`` is the
+    class mean *of the samples merged so far*; Chan's correction keeps it exact under merge,
+    so after merging every shard it equals the within-class sum of squares around the
+    global class means.
+    """
+
+    counts_K: np.ndarray
+    sums_KP: np.ndarray
+    sq_dev_K: np.ndarray
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.sums_KP.shape[0])
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.sums_KP.shape[1])
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.counts_K.sum())
+
+    @classmethod
+    def zeros(cls, num_classes: int, feature_dim: int) -> Round1Stats:
+        return cls(
+            np.zeros(num_classes, dtype=np.int64),
+            np.zeros((num_classes, feature_dim), dtype=np.float64),
+            np.zeros(num_classes, dtype=np.float64),
+        )
+
+    def _check_compatible(self, other: Round1Stats) -> None:
+        if other.sums_KP.shape != self.sums_KP.shape:
+            raise MetricInputError(
+                f"cannot merge round-1 statistics of shape (K, P) = {self.sums_KP.shape} "
+                f"with {other.sums_KP.shape}"
+            )
+
+    def merge(self, other: Round1Stats) -> Round1Stats:
+        """Exact merge (Chan et al.'s pairwise update of the centered sums of squares)."""
+        self._check_compatible(other)
+        n_a = self.counts_K.astype(np.float64)
+        n_b = other.counts_K.astype(np.float64)
+        n = n_a + n_b
+        both = (n_a > 0) & (n_b > 0)
+        sq_dev = self.sq_dev_K + other.sq_dev_K
+        if both.any():
+            idx = np.flatnonzero(both)
+            delta = other.sums_KP[idx] / n_b[idx, None] - self.sums_KP[idx] / n_a[idx, None]
+            sq_dev[idx] += np.einsum("kp,kp->k", delta, delta) * (n_a[idx] * n_b[idx] / n[idx])
+        return Round1Stats(self.counts_K + other.counts_K, self.sums_KP + other.sums_KP, sq_dev)
+
+    def class_means(self) -> ClassMeans:
+        """Global class means and the global (sample) mean; every class needs a sample."""
+        empty = np.flatnonzero(self.counts_K == 0)
+        if empty.size:
+            shown = ", ".join(str(int(k)) for k in empty[:10])
+            more = f" and {empty.size - 10} more" if empty.size > 10 else ""
+            raise MetricInputError(
+                f"{empty.size} of {self.num_classes} classes have no samples at all "
+                f"(classes {shown}{more}); every class needs at least one sample"
+            )
+        means_KP = self.sums_KP / self.counts_K[:, None]
+        global_mean_P = self.sums_KP.sum(axis=0) / self.num_samples
+        return ClassMeans(self.counts_K.copy(), means_KP, global_mean_P)
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        return {"counts": self.counts_K, "sums": self.sums_KP, "sq_dev": self.sq_dev_K}
+
+    @classmethod
+    def from_arrays(
+        cls, arrays: Mapping[str, np.ndarray], num_classes: int, feature_dim: int
+    ) -> Round1Stats:
+        where = "round-1 statistics"
+        K, P = num_classes, feature_dim
+        counts = _expect(_as_array(arrays, "counts", where), "counts", (K,), "int")
+        sums = _expect(_as_array(arrays, "sums", where), "sums", (K, P), "float")
+        sq_dev = _expect(_as_array(arrays, "sq_dev", where), "sq_dev", (K,), "float")
+        if (sq_dev < 0).any():
+            raise MetricInputError("field 'sq_dev' has a negative sum of squares")
+        if ((counts == 0) & (np.abs(sums).sum(axis=1) > 0)).any():
+            raise MetricInputError("field 'sums' is non-zero for a class whose count is 0")
+        return cls(counts, sums, sq_dev)
+
+
+@dataclass(frozen=True)
+class Round2Stats:
+    """Round-2 sufficient statistics of one shard (or of several, merged).
+
+    ``scatter`` is the K x K projected within-class scatter when K <= P, else the P x P
+    centered within-class scatter (both around the *global* class means, so merging is a sum).
+    """
+
+    num_samples: int
+    scatter: np.ndarray
+    sq_resid_K: np.ndarray
+    ncc_agree: int
+    correct: int
+
+    @staticmethod
+    def scatter_dim(num_classes: int, feature_dim: int) -> int:
+        return num_classes if num_classes <= feature_dim else feature_dim
+
+    @classmethod
+    def zeros(cls, num_classes: int, feature_dim: int) -> Round2Stats:
+        d = cls.scatter_dim(num_classes, feature_dim)
+        return cls(0, np.zeros((d, d)), np.zeros(num_classes), 0, 0)
+
+    def merge(self, other: Round2Stats) -> Round2Stats:
+        if other.scatter.shape != self.scatter.shape or other.sq_resid_K.shape != (
+            self.sq_resid_K.shape
+        ):
+            raise MetricInputError(
+                f"cannot merge round-2 statistics with scatter {self.scatter.shape} and "
+                f"{other.scatter.shape}"
+            )
+        return Round2Stats(
+            self.num_samples + other.num_samples,
+            self.scatter + other.scatter,
+            self.sq_resid_K + other.sq_resid_K,
+            self.ncc_agree + other.ncc_agree,
+            self.correct + other.correct,
+        )
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        return {
+            "num_samples": np.asarray(self.num_samples, dtype=np.int64),
+            "scatter": self.scatter,
+            "sq_resid": self.sq_resid_K,
+            "ncc_agree": np.asarray(self.ncc_agree, dtype=np.int64),
+            "correct": np.asarray(self.correct, dtype=np.int64),
+        }
+
+    @classmethod
+    def from_arrays(
+        cls, arrays: Mapping[str, np.ndarray], num_classes: int, feature_dim: int
+    ) -> Round2Stats:
+        where = "round-2 statistics"
+        K = num_classes
+        d = cls.scatter_dim(num_classes, feature_dim)
+        n = _scalar_count(arrays, "num_samples", where)
+        scatter = _expect(_as_array(arrays, "scatter", where), "scatter", (d, d), "float")
+        sq_resid = _expect(_as_array(arrays, "sq_resid", where), "sq_resid", (K,), "float")
+        if (sq_resid < 0).any():
+            raise MetricInputError("field 'sq_resid' has a negative sum of squares")
+        agree = _scalar_count(arrays, "ncc_agree", where)
+        correct = _scalar_count(arrays, "correct", where)
+        for name, value in (("ncc_agree", agree), ("correct", correct)):
+            if value > n:
+                raise MetricInputError(f"field '{name}' ({value}) exceeds num_samples ({n})")
+        return cls(n, scatter, sq_resid, agree, correct)
+
+
+def round1_stats(h_NP: np.ndarray, y_N: np.ndarray, num_classes: int) -> Round1Stats:
+    """Round-1 statistics of a block of features (any float dtype; accumulated in float64)."""
+    h_NP = np.asarray(h_NP)
+    y_N = np.asarray(y_N)
+    check_features(h_NP, y_N, num_classes)
+    total = Round1Stats.zeros(num_classes, h_NP.shape[1])
+    rows = block_rows(h_NP.shape[1], h_NP.shape[0])
+    for sl in _row_blocks(h_NP.shape[0], rows):
+        h64 = h_NP[sl].astype(np.float64)
+        y = y_N[sl].astype(np.intp)
+        counts = np.bincount(y, minlength=num_classes).astype(np.int64)
+        sums = _class_sums(h64, y, num_classes)
+        local_means = sums / np.maximum(counts, 1)[:, None]
+        r = h64 - local_means[y]
+        sq_dev = np.bincount(y, weights=np.einsum("np,np->n", r, r), minlength=num_classes)
+        total = total.merge(Round1Stats(counts, sums, sq_dev))
+    return total
+
+
+def round2_stats(
+    h_NP: np.ndarray,
+    y_N: np.ndarray,
+    class_means: ClassMeans,
+    w_KP: np.ndarray,
+    b_K: np.ndarray | None = None,
+) -> Round2Stats:
+    """Round-2 statistics of a block of features, given the global class means."""
+    h_NP = np.asarray(h_NP)
+    y_N = np.asarray(y_N)
+    K, P = class_means.num_classes, class_means.feature_dim
+    check_features(h_NP, y_N, K)
+    if h_NP.shape[1] != P:
+        raise MetricInputError(
+            f"features have feature_dim {h_NP.shape[1]} but the class means have {P}"
+        )
+    w64 = np.asarray(w_KP, dtype=np.float64)
+    if w64.shape != (K, P):
+        raise MetricInputError(f"weight must have shape (K, P) = {(K, P)}, got {w64.shape}")
+    b64 = None if b_K is None else np.asarray(b_K, dtype=np.float64)
+    if b64 is not None and b64.shape != (K,):
+        raise MetricInputError(f"bias must have shape (K,) = {(K,)}, got {b64.shape}")
+
+    mubar_KP = class_means.centered()
+    mean_sq_K = np.einsum("kp,kp->k", mubar_KP, mubar_KP)
+    projected = K <= P
+    d = Round2Stats.scatter_dim(K, P)
+    scatter = np.zeros((d, d))
+    # For K <= P the projections double as the NCC scores: (h - mu_G).mubar_k = q_k + A[y, k].
+    gram_KK = mubar_KP @ mubar_KP.T if projected else None
+    sq_resid_K = np.zeros(K)
+    agree = 0
+    correct = 0
+    rows = block_rows(max(K, P), h_NP.shape[0])
+    for sl in _row_blocks(h_NP.shape[0], rows):
+        h64 = h_NP[sl].astype(np.float64)
+        y = y_N[sl].astype(np.intp)
+        r_NP = h64 - class_means.means_KP[y]
+        sq_resid_K += np.bincount(y, weights=np.einsum("np,np->n", r_NP, r_NP), minlength=K)
+        if projected:
+            assert gram_KK is not None
+            q_NK = r_NP @ mubar_KP.T
+            scatter += q_NK.T @ q_NK
+            centered_dot_NK = q_NK + gram_KK[y]
+        else:
+            scatter += r_NP.T @ r_NP
+            centered_dot_NK = (h64 - class_means.global_mean_P) @ mubar_KP.T
+        # argmin_k ||h - mu_k||^2 == argmin_k ||mubar_k||^2 - 2 (h - mu_G).mubar_k
+        nearest_N = np.argmin(mean_sq_K - 2.0 * centered_dot_NK, axis=1)
+        logits_NK = h64 @ w64.T
+        if b64 is not None:
+            logits_NK += b64
+        predicted_N = np.argmax(logits_NK, axis=1)
+        agree += int(np.count_nonzero(predicted_N == nearest_N))
+        correct += int(np.count_nonzero(predicted_N == y))
+    return Round2Stats(int(h_NP.shape[0]), scatter, sq_resid_K, agree, correct)

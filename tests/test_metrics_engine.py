@@ -1,0 +1,217 @@
+"""The metric engine against an independent p x p reference and the exact collapse geometry."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ncserve.metrics import (
+    METRIC_KEYS,
+    ClassMeans,
+    MetricInputError,
+    Round1Stats,
+    Round2Stats,
+    compute_metrics,
+    finalize,
+    round1_stats,
+    round2_stats,
+)
+from tests.nc_reference import reference_metrics, reference_nc1
+
+
+def make_features(K, P, n_per_class, *, imbalanced=False, seed=0, spread=1.0, offset=0.0):
+    rng = np.random.default_rng(seed)
+    means = rng.normal(size=(K, P)) * 3.0 + offset
+    if imbalanced:
+        counts = rng.integers(2, 2 * n_per_class, size=K)
+    else:
+        counts = np.full(K, n_per_class)
+    y = np.repeat(np.arange(K), counts)
+    rng.shuffle(y)
+    h = means[y] + spread * rng.normal(size=(y.size, P))
+    W = rng.normal(size=(K, P))
+    b = rng.normal(size=K)
+    return h, y, W, b
+
+
+def assert_close(got: dict, want: dict, rtol: float) -> None:
+    for key in METRIC_KEYS:
+        g, w = got[key], want[key]
+        assert np.isclose(g, w, rtol=rtol, atol=1e-12), f"{key}: engine {g!r} vs reference {w!r}"
+
+
+CASES = [
+    # (K, P, n_per_class, imbalanced)
+    (2, 16, 40, False),
+    (2, 16, 40, True),
+    (10, 64, 30, False),
+    (10, 64, 30, True),
+    (10, 5, 30, False),  # K - 1 > P: rank of Sigma_B is P
+    (10, 5, 30, True),
+    (100, 150, 8, False),
+    (100, 150, 8, True),
+    (100, 40, 8, False),
+    (100, 40, 8, True),
+    (200, 260, 6, False),
+    (200, 260, 6, True),
+    (200, 60, 6, False),
+    (200, 60, 6, True),
+]
+
+
+@pytest.mark.parametrize(("K", "P", "n", "imbalanced"), CASES)
+def test_engine_matches_pxp_reference(K, P, n, imbalanced):
+    h, y, W, b = make_features(K, P, n, imbalanced=imbalanced, seed=K * 1000 + P)
+    got = compute_metrics(h, y, W, b)
+    want = reference_metrics(h, y, W, b)
+    assert_close(got, want, rtol=1e-8)
+    assert got["num_samples"] == y.size and got["num_classes"] == K and got["feature_dim"] == P
+
+
+def simplex_etf_features(K, P, n_per_class, seed=0, scale=2.0):
+    """Features exactly at the vertices of a simplex ETF (centered means), no within-class spread."""
+    rng = np.random.default_rng(seed)
+    Q, _ = np.linalg.qr(rng.normal(size=(P, K)))  # P x K, orthonormal columns
+    mubar = scale * (np.eye(K) - np.ones((K, K)) / K) @ Q.T  # K x P, rows sum to 0
+    # A global mean orthogonal to every class direction keeps argmax W h at the true class.
+    mu_G = np.zeros(P)
+    if P > K:
+        extra = rng.normal(size=P)
+        extra -= Q @ (Q.T @ extra)
+        mu_G = 5.0 * extra / np.linalg.norm(extra)
+    y = np.repeat(np.arange(K), n_per_class)
+    h = mu_G + mubar[y]
+    return h, y, mubar
+
+
+@pytest.mark.parametrize(("K", "P"), [(2, 4), (10, 10), (10, 64), (50, 80)])
+def test_exact_simplex_etf_is_full_collapse(K, P):
+    h, y, mubar = simplex_etf_features(K, P, n_per_class=7, seed=K)
+    got = compute_metrics(h, y, mubar.copy(), np.zeros(K))
+    for key in ("nc0", "nc0_normalized", "nc1", "nc1_trace_ratio", "cdnv", "nc2_norm",
+                "nc2_angle", "nc2", "nc2w_norm", "nc2w_angle", "nc2w", "nc2m", "nc3"):
+        assert abs(got[key]) < 1e-10, f"{key} = {got[key]!r} under exact collapse"
+    assert got["nc4"] == 1.0
+    assert got["accuracy"] == 1.0
+
+
+def test_near_collapse_float32_at_offset_matches_float64_reference():
+    """float32 features at offset 50, within-class spread 1e-3: centered float64 accumulation."""
+    K, P, n = 10, 64, 50
+    rng = np.random.default_rng(7)
+    means = 50.0 + rng.normal(size=(K, P))
+    y = np.repeat(np.arange(K), n)
+    h32 = (means[y] + 1e-3 * rng.normal(size=(y.size, P))).astype(np.float32)
+    W = (means - means.mean(axis=0)).astype(np.float32)
+    got = compute_metrics(h32, y, W, None)
+    want = reference_metrics(h32.astype(np.float64), y, W.astype(np.float64))
+    assert_close(got, want, rtol=1e-6)
+    assert got["nc1"] < 1e-5  # genuinely near collapse, not a trivially large value
+
+
+def test_k1000_keeps_small_between_class_directions():
+    """K = 1000: small singular values of M dominate NC1; float64 tolerance must keep them."""
+    K, P, n = 1000, 1100, 3
+    rng = np.random.default_rng(3)
+    U, _ = np.linalg.qr(rng.normal(size=(P, K)))
+    V, _ = np.linalg.qr(rng.normal(size=(K, K)))
+    s = np.logspace(0, -5, K)  # spread of between-class scales over 5 decades
+    means = (U * s) @ V.T  # P x K
+    y = np.repeat(np.arange(K), n)
+    h = means.T[y] + 1e-4 * rng.normal(size=(y.size, P))
+    W = rng.normal(size=(K, P))
+    got = compute_metrics(h, y, W)
+    want = {"nc1": reference_nc1(h, y, K)}
+    assert np.isclose(got["nc1"], want["nc1"], rtol=1e-8), (got["nc1"], want["nc1"])
+    # The same data through a float32 pseudo-inverse drops those directions: the test has teeth.
+    mu = np.stack([h[y == k].mean(axis=0) for k in range(K)])
+    Mbar = (mu - h.mean(axis=0)).astype(np.float32)
+    R = (h - mu[y]).astype(np.float32)
+    sw32 = R.T @ R / y.size
+    sb32 = Mbar.T @ Mbar / K
+    nc1_32 = float(np.trace(sw32 @ np.linalg.pinv(sb32, hermitian=True))) / K
+    assert not np.isclose(nc1_32, want["nc1"], rtol=0.01)
+
+
+def test_large_k_beyond_feature_dim_uses_pxp_scatter():
+    K, P = 1000, 50
+    h, y, W, b = make_features(K, P, 3, seed=11)
+    r1 = round1_stats(h, y, K)
+    r2 = round2_stats(h, y, r1.class_means(), W, b)
+    assert r2.scatter.shape == (P, P)
+    got = finalize(r1, r2, W, b)
+    assert_close(got, reference_metrics(h, y, W, b), rtol=1e-8)
+
+
+def test_round1_chan_merge_equals_round2_residuals():
+    h, y, W, b = make_features(12, 20, 30, imbalanced=True, seed=5, offset=50.0, spread=1e-2)
+    parts = np.array_split(np.arange(y.size), 7)
+    r1 = Round1Stats.zeros(12, 20)
+    for idx in parts:
+        r1 = r1.merge(round1_stats(h[idx], y[idx], 12))
+    r2 = round2_stats(h, y, r1.class_means(), W, b)
+    np.testing.assert_allclose(r1.sq_dev_K, r2.sq_resid_K, rtol=1e-9)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    K=st.integers(2, 12),
+    P=st.integers(2, 20),
+    seed=st.integers(0, 2**31 - 1),
+    num_shards=st.integers(1, 6),
+)
+def test_any_sharding_in_any_order_gives_the_same_metrics(K, P, seed, num_shards):
+    rng = np.random.default_rng(seed)
+    h, y, W, b = make_features(K, P, 6, imbalanced=bool(seed % 2), seed=seed)
+    whole = compute_metrics(h, y, W, b)
+    # Random assignment of samples to shards (some shards may miss classes, or be empty).
+    shard_of = rng.integers(0, num_shards, size=y.size)
+    shards = [np.flatnonzero(shard_of == s) for s in range(num_shards)]
+    r1 = Round1Stats.zeros(K, P)
+    for s in rng.permutation(num_shards):
+        r1 = r1.merge(round1_stats(h[shards[s]], y[shards[s]], K))
+    means = r1.class_means()
+    r2 = Round2Stats.zeros(K, P)
+    for s in rng.permutation(num_shards):
+        r2 = r2.merge(round2_stats(h[shards[s]], y[shards[s]], means, W, b))
+    got = finalize(r1, r2, W, b)
+    for key in METRIC_KEYS:
+        assert np.isclose(got[key], whole[key], rtol=1e-10, atol=1e-14), key
+
+
+def test_wire_arrays_round_trip_and_validation():
+    h, y, W, b = make_features(5, 7, 10, seed=1)
+    r1 = round1_stats(h, y, 5)
+    means = r1.class_means()
+    r2 = round2_stats(h, y, means, W, b)
+    assert np.array_equal(Round1Stats.from_arrays(r1.to_arrays(), 5, 7).sums_KP, r1.sums_KP)
+    back = ClassMeans.from_arrays(means.to_arrays(), 5, 7)
+    assert np.array_equal(back.means_KP, means.means_KP)
+    assert Round2Stats.from_arrays(r2.to_arrays(), 5, 7).ncc_agree == r2.ncc_agree
+
+    bad = r1.to_arrays() | {"sums": np.full((5, 7), np.nan)}
+    with pytest.raises(MetricInputError, match="'sums' contains NaN"):
+        Round1Stats.from_arrays(bad, 5, 7)
+    with pytest.raises(MetricInputError, match=r"'counts' must have shape \(6,\)"):
+        Round1Stats.from_arrays(r1.to_arrays(), 6, 7)
+    with pytest.raises(MetricInputError, match="negative count"):
+        Round1Stats.from_arrays(r1.to_arrays() | {"counts": -r1.counts_K}, 5, 7)
+    with pytest.raises(MetricInputError, match="exceeds num_samples"):
+        Round2Stats.from_arrays(r2.to_arrays() | {"correct": np.int64(10**6)}, 5, 7)
+
+
+def test_bad_features_are_named():
+    h, y, W, _ = make_features(3, 4, 5)
+    with pytest.raises(MetricInputError, match=r"labels must lie in \[0, 2\].*found label 3"):
+        round1_stats(h, np.where(y == 0, 3, y), 3)
+    h_nan = h.copy()
+    h_nan[4, 1] = np.nan
+    with pytest.raises(MetricInputError, match="NaN or Inf \\(first at row 4\\)"):
+        round1_stats(h_nan, y, 3)
+    r1 = round1_stats(h[y != 2], y[y != 2], 3)
+    with pytest.raises(MetricInputError, match="1 of 3 classes have no samples.*classes 2"):
+        r1.class_means()
+    with pytest.raises(MetricInputError, match="weight must have shape"):
+        round2_stats(h, y, round1_stats(h, y, 3).class_means(), W[:, :2])
