@@ -42,7 +42,7 @@ def reference_metrics(h, y, W, b=None, num_classes=None) -> dict[str, float]:
     h = np.asarray(h, dtype=np.float64)
     W = np.asarray(W, dtype=np.float64)
     K = W.shape[0] if num_classes is None else num_classes
-    N, P = h.shape
+    N, _P = h.shape
     mu = np.stack([h[y == k].mean(axis=0) for k in range(K)])
     mu_G = h.mean(axis=0)
     Mbar = mu - mu_G  # K x P

@@ -24,10 +24,7 @@ from tests.nc_reference import reference_metrics, reference_nc1
 def make_features(K, P, n_per_class, *, imbalanced=False, seed=0, spread=1.0, offset=0.0):
     rng = np.random.default_rng(seed)
     means = rng.normal(size=(K, P)) * 3.0 + offset
-    if imbalanced:
-        counts = rng.integers(2, 2 * n_per_class, size=K)
-    else:
-        counts = np.full(K, n_per_class)
+    counts = rng.integers(2, 2 * n_per_class, size=K) if imbalanced else np.full(K, n_per_class)
     y = np.repeat(np.arange(K), counts)
     rng.shuffle(y)
     h = means[y] + spread * rng.normal(size=(y.size, P))
@@ -90,8 +87,21 @@ def simplex_etf_features(K, P, n_per_class, seed=0, scale=2.0):
 def test_exact_simplex_etf_is_full_collapse(K, P):
     h, y, mubar = simplex_etf_features(K, P, n_per_class=7, seed=K)
     got = compute_metrics(h, y, mubar.copy(), np.zeros(K))
-    for key in ("nc0", "nc0_normalized", "nc1", "nc1_trace_ratio", "cdnv", "nc2_norm",
-                "nc2_angle", "nc2", "nc2w_norm", "nc2w_angle", "nc2w", "nc2m", "nc3"):
+    for key in (
+        "nc0",
+        "nc0_normalized",
+        "nc1",
+        "nc1_trace_ratio",
+        "cdnv",
+        "nc2_norm",
+        "nc2_angle",
+        "nc2",
+        "nc2w_norm",
+        "nc2w_angle",
+        "nc2w",
+        "nc2m",
+        "nc3",
+    ):
         assert abs(got[key]) < 1e-10, f"{key} = {got[key]!r} under exact collapse"
     assert got["nc4"] == 1.0
     assert got["accuracy"] == 1.0
@@ -211,7 +221,7 @@ def test_bad_features_are_named():
     with pytest.raises(MetricInputError, match="NaN or Inf \\(first at row 4\\)"):
         round1_stats(h_nan, y, 3)
     r1 = round1_stats(h[y != 2], y[y != 2], 3)
-    with pytest.raises(MetricInputError, match="1 of 3 classes have no samples.*classes 2"):
+    with pytest.raises(MetricInputError, match=r"1 of 3 classes have no samples.*classes 2"):
         r1.class_means()
     with pytest.raises(MetricInputError, match="weight must have shape"):
         round2_stats(h, y, round1_stats(h, y, 3).class_means(), W[:, :2])

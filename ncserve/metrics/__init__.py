@@ -3,6 +3,8 @@
 See docs/metrics.md for the definitions and conventions, and docs/CONTRACTS.md for the API.
 """
 
+import numpy as np
+
 from ncserve.metrics.errors import MetricInputError
 from ncserve.metrics.finalize import METRIC_KEYS, finalize, nc0_from_weight, rank_tolerance
 from ncserve.metrics.stats import (
@@ -28,7 +30,13 @@ __all__ = [
 ]
 
 
-def compute_metrics(h_NP, y_N, w_KP, b_K=None, num_classes=None):  # type: ignore[no-untyped-def]
+def compute_metrics(
+    h_NP: np.ndarray,
+    y_N: np.ndarray,
+    w_KP: np.ndarray,
+    b_K: np.ndarray | None = None,
+    num_classes: int | None = None,
+) -> dict[str, float]:
     """Both rounds and the finalizer on one in-memory block of features (a convenience)."""
     K = int(w_KP.shape[0]) if num_classes is None else int(num_classes)
     r1 = round1_stats(h_NP, y_N, K)

@@ -189,9 +189,7 @@ def finalize(
     means = r1.class_means()
     N = means.num_samples
     if r2.num_samples != N:
-        raise MetricInputError(
-            f"round 2 covers {r2.num_samples} samples but round 1 covered {N}"
-        )
+        raise MetricInputError(f"round 2 covers {r2.num_samples} samples but round 1 covered {N}")
     if r2.scatter.shape[0] != Round2Stats.scatter_dim(K, P):
         raise MetricInputError(f"round-2 scatter has shape {r2.scatter.shape} for K={K}, P={P}")
     nc0, nc0_normalized = nc0_from_weight(w64)
