@@ -317,6 +317,11 @@ class DurableBuffer:
                 self._head_cache = (entry.seq, payload)
             return BufferedCall(entry.seq, entry.key, payload)
 
+    def head_seq(self) -> int | None:
+        """Sequence number of the oldest call, without loading its payload."""
+        with self._lock:
+            return self._entries[0].seq if self._entries else None
+
     def remove(self, seq: int) -> None:
         """Forget the head call ``seq`` (delivered, or refused for good by the service)."""
         with self._lock:

@@ -1,0 +1,864 @@
+"""``NCClient``: what a training rank (or the CLI) uses to talk to the ncserve service.
+
+Every call carries a deadline. Transient failures (UNAVAILABLE, DEADLINE_EXCEEDED) are
+retried with capped, jittered exponential backoff until that deadline; a push that still
+cannot be delivered is buffered (``DurableBuffer``: memory, then a spool on disk) and the
+call returns False instead of raising, so a training loop never stops for an outage. A
+background thread replays the buffer, oldest first, as soon as the service answers again;
+``flush()`` and ``close()`` say exactly what was delivered, what is still waiting and what
+had to be dropped. Permanent errors (bad input, unknown run, wrong token) raise
+``ServiceError`` with the gRPC status code and the server's message.
+
+Legend: K classes, P feature dim.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+
+from ncserve.client.buffer import (
+    KIND_REGISTER,
+    KIND_ROUND1,
+    KIND_ROUND2,
+    KIND_SCALARS,
+    BufferKey,
+    DroppedEntry,
+    DurableBuffer,
+)
+from ncserve.client.payload import decode_payload, encode_payload
+from ncserve.client.retry import TRANSIENT_CODES, RetryPolicy, is_transient, status_code
+from ncserve.metrics import METRIC_KEYS, ClassMeans, MetricInputError, Round1Stats, Round2Stats
+from ncserve.v1 import ncserve_pb2 as pb
+from ncserve.v1 import ncserve_pb2_grpc as pb_grpc
+from ncserve.wire import WireError, decode_arrays, encode_arrays
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+HOLDOUT_PREFIX = "holdout."
+
+# Responses can hold many measurements (``GetMetrics`` of a long run) and class means are
+# streamed in <= 1 MiB chunks, so 64 MiB is generous without being unbounded.
+_MAX_RECEIVE_BYTES = 64 << 20
+_CHANNEL_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.max_receive_message_length", _MAX_RECEIVE_BYTES),
+    # gRPC's own reconnect backoff grows to 120 s by default; a rank would then keep failing
+    # fast long after the service is back. Our RetryPolicy does the pacing instead.
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+    ("grpc.enable_retries", 0),
+]
+
+
+class ServiceError(Exception):
+    """The service refused a call for a reason retrying cannot fix (or stayed unreachable
+    for a query, which has no buffer to fall back on).
+
+    ``code`` is the ``grpc.StatusCode``; ``details`` the server's message, verbatim.
+    """
+
+    def __init__(self, method: str, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{method}: {code.name}: {details}")
+        self.method = method
+        self.code = code
+        self.details = details
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    """How to secure the channel.
+
+    ``ca_cert``: PEM file of the CA that signed the server certificate (None: system roots).
+    ``client_cert``/``client_key``: PEM files for mutual TLS (both or neither).
+    ``server_name``: the name to check the server certificate against, when it differs
+    from the host in ``target`` (e.g. connecting to 127.0.0.1 with a "localhost" cert).
+    """
+
+    ca_cert: Path | None = None
+    client_cert: Path | None = None
+    client_key: Path | None = None
+    server_name: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.client_cert is None) != (self.client_key is None):
+            raise ValueError(
+                "client_cert and client_key go together for mutual TLS; got "
+                f"client_cert={self.client_cert!r}, client_key={self.client_key!r}"
+            )
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        def read(path: Path | None, name: str) -> bytes | None:
+            if path is None:
+                return None
+            try:
+                return Path(path).read_bytes()
+            except OSError as error:
+                raise ValueError(f"cannot read {name} {str(path)!r}: {error.strerror}") from None
+
+        return grpc.ssl_channel_credentials(
+            root_certificates=read(self.ca_cert, "ca_cert"),
+            private_key=read(self.client_key, "client_key"),
+            certificate_chain=read(self.client_cert, "client_cert"),
+        )
+
+
+@dataclass(frozen=True)
+class TrainTally:
+    """One rank's exact training tallies for a measurement (summed over ranks by the service)."""
+
+    loss_sum: float
+    num_correct: int
+    num_samples: int
+
+
+@dataclass(frozen=True)
+class RejectedEntry:
+    """A buffered call the service refused for good when it was replayed."""
+
+    key: BufferKey
+    code: str
+    details: str
+
+    def __str__(self) -> str:
+        return f"{self.key}: {self.code}: {self.details}"
+
+
+@dataclass(frozen=True)
+class DeliveryReport:
+    """What became of every call the client accepted.
+
+    ``delivered``: calls the service acknowledged (directly or on replay; ``replayed`` of
+    them from the buffer). ``buffered``: calls still waiting, oldest first, with their bytes;
+    ``persisted`` says they are in the spool, so a new client on the same ``spill_dir``
+    replays them. ``dropped``: calls lost to the buffer's hard limit (or a damaged spool
+    file). ``rejected``: buffered calls the service refused for good on replay.
+    """
+
+    delivered: int
+    replayed: int
+    buffered: tuple[BufferKey, ...]
+    buffered_bytes: int
+    persisted: bool
+    dropped: tuple[DroppedEntry, ...]
+    rejected: tuple[RejectedEntry, ...]
+
+    @property
+    def complete(self) -> bool:
+        """True when nothing is waiting, dropped or rejected."""
+        return not (self.buffered or self.dropped or self.rejected)
+
+    def summary(self) -> str:
+        parts = [f"{self.delivered} delivered ({self.replayed} replayed)"]
+        if self.buffered:
+            where = "on disk" if self.persisted else "in memory"
+            parts.append(f"{len(self.buffered)} still buffered {where} ({self.buffered_bytes} B)")
+        if self.dropped:
+            parts.append(f"{len(self.dropped)} dropped: " + "; ".join(map(str, self.dropped)))
+        if self.rejected:
+            parts.append(f"{len(self.rejected)} rejected: " + "; ".join(map(str, self.rejected)))
+        return ", ".join(parts)
+
+
+@dataclass
+class _Call:
+    """One write call, in a form that can be sent now or encoded for the buffer."""
+
+    key: BufferKey
+    meta: dict[str, Any]
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def payload(self) -> bytes:
+        return encode_payload({"key": self.key.to_json(), **self.meta}, self.arrays)
+
+    @classmethod
+    def from_payload(cls, key: BufferKey, data: bytes) -> _Call:
+        meta, arrays = decode_payload(data)
+        meta.pop("key", None)
+        return cls(key, meta, arrays)
+
+
+class _RoundOneIncompleteError(Exception):
+    """Round 2 arrived before every rank's round 1: wait, other ranks may be replaying."""
+
+
+def _is_round1_incomplete(error: BaseException) -> bool:
+    if status_code(error) != grpc.StatusCode.FAILED_PRECONDITION:
+        return False
+    details = (getattr(error, "details", lambda: "")() or "").lower()
+    return "round 1" in details or "round-1" in details or "round_1" in details
+
+
+def _details(error: BaseException) -> str:
+    details = getattr(error, "details", None)
+    text = details() if callable(details) else None
+    return text or str(error)
+
+
+class NCClient:
+    """Client of the ncserve service; thread-safe. See the module docstring."""
+
+    def __init__(
+        self,
+        target: str,
+        token: str | None = None,
+        tls: TLSConfig | None = None,
+        deadline_s: float = 5.0,
+        spill_dir: Path | None = None,
+        max_buffer_bytes: int = 256 << 20,
+        *,
+        max_memory_bytes: int | None = 64 << 20,
+        retry: RetryPolicy | None = None,
+        replay_in_background: bool = True,
+        round1_patience_s: float = 600.0,
+    ) -> None:
+        if not deadline_s > 0:
+            raise ValueError(f"deadline_s must be > 0, got {deadline_s!r}")
+        if not target or ":" not in target:
+            raise ValueError(f"target must be HOST:PORT, got {target!r}")
+        self.target = target
+        self.deadline_s = float(deadline_s)
+        self._retry = retry or RetryPolicy()
+        self._round1_patience_s = float(round1_patience_s)
+        self._metadata: tuple[tuple[str, str], ...] = (
+            (("authorization", f"Bearer {token}"),) if token else ()
+        )
+        options = list(_CHANNEL_OPTIONS)
+        if tls is not None:
+            if tls.server_name:
+                options.append(("grpc.ssl_target_name_override", tls.server_name))
+            self._channel = grpc.secure_channel(target, tls.credentials(), options=options)
+        else:
+            if token and not _is_loopback(target):
+                log.warning("sending a bearer token to %s without TLS", target)
+            self._channel = grpc.insecure_channel(target, options=options)
+        self._stub = pb_grpc.NCServiceStub(self._channel)
+        self._buffer = DurableBuffer(
+            Path(spill_dir) if spill_dir is not None else None,
+            max_bytes=max_buffer_bytes,
+            max_memory_bytes=max_memory_bytes,
+        )
+        self._counts_lock = threading.Lock()
+        self._delivered = 0
+        self._replayed = 0
+        self._rejected: list[RejectedEntry] = []
+        # Held while delivering from the buffer, so the background thread and a caller's
+        # flush never send the same entry at once or out of order.
+        self._replay_lock = threading.Lock()
+        self._round1_wait_since: dict[int, float] = {}
+        # Shards whose round 1 the service refused: their round 2 can never be accepted.
+        self._refused_shards: set[tuple[str, int | None, int | None]] = set()
+        # Set when a call found the service unreachable, cleared by the next delivery.
+        # While set, new calls go straight to the buffer instead of each waiting out its
+        # own deadline: a training loop keeps its pace during an outage.
+        self._down = threading.Event()
+        self._shapes: dict[str, tuple[int, int]] = {}
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._watches: set[Any] = set()
+        self._watches_lock = threading.Lock()
+        self._closed = False
+        self._replayer: threading.Thread | None = None
+        if replay_in_background:
+            self._replayer = threading.Thread(
+                target=self._replay_loop, name="ncserve-client-replay", daemon=True
+            )
+            self._replayer.start()
+            if len(self._buffer):
+                self._wake.set()
+
+    # -- write calls (buffered on transient failure) --------------------------------------
+
+    def register_run(
+        self,
+        run_id: str,
+        num_classes: int,
+        feature_dim: int,
+        world_size: int,
+        metadata: Mapping[str, str] | None = None,
+    ) -> bool:
+        """Create the run (or confirm it). False: the service is unreachable, buffered."""
+        meta = {
+            "num_classes": int(num_classes),
+            "feature_dim": int(feature_dim),
+            "world_size": int(world_size),
+            "metadata": {str(k): str(v) for k, v in (metadata or {}).items()},
+        }
+        self._remember_shape(run_id, int(num_classes), int(feature_dim))
+        return self._submit(_Call(BufferKey(KIND_REGISTER, run_id), meta))
+
+    def push_round1(
+        self,
+        run_id: str,
+        step: int,
+        rank: int,
+        stats: Round1Stats,
+        weight_KP: np.ndarray | None = None,
+        bias_K: np.ndarray | None = None,
+        *,
+        epoch: int | None = None,
+    ) -> bool:
+        """Push one rank's round-1 statistics (and W, b from at least one rank).
+
+        False: not delivered yet (service unreachable, or older pushes still waiting in the
+        buffer); it is buffered and will be replayed in order.
+        """
+        arrays = dict(stats.to_arrays())
+        if weight_KP is not None:
+            arrays["weight"] = np.asarray(weight_KP, dtype=np.float64)
+        if bias_K is not None:
+            arrays["bias"] = np.asarray(bias_K, dtype=np.float64)
+        meta = {
+            "num_classes": stats.num_classes,
+            "feature_dim": stats.feature_dim,
+            "epoch": epoch,
+        }
+        key = BufferKey(KIND_ROUND1, run_id, int(step), int(rank), 1)
+        self._remember_shape(run_id, stats.num_classes, stats.feature_dim)
+        return self._submit(_Call(key, meta, arrays))
+
+    def push_round2(
+        self,
+        run_id: str,
+        step: int,
+        rank: int,
+        stats: Round2Stats,
+        holdout: Round2Stats | None = None,
+        scalars: Mapping[str, float] | None = None,
+        *,
+        epoch: int | None = None,
+        train_tally: TrainTally | None = None,
+        num_classes: int | None = None,
+        feature_dim: int | None = None,
+    ) -> bool:
+        """Push one rank's round-2 statistics (and held-out ones, and training scalars).
+
+        ``num_classes``/``feature_dim`` default to what this client last pushed in round 1
+        for the run, or what the run was registered with; pass them when neither is known.
+        """
+        K, P = self._shape_of(run_id, stats, num_classes, feature_dim)
+        arrays = dict(stats.to_arrays())
+        if holdout is not None:
+            arrays.update({HOLDOUT_PREFIX + k: v for k, v in holdout.to_arrays().items()})
+        meta: dict[str, Any] = {
+            "num_classes": K,
+            "feature_dim": P,
+            "epoch": epoch,
+            "scalars": {str(k): float(v) for k, v in (scalars or {}).items()},
+            "train_tally": None
+            if train_tally is None
+            else [
+                float(train_tally.loss_sum),
+                int(train_tally.num_correct),
+                int(train_tally.num_samples),
+            ],
+        }
+        key = BufferKey(KIND_ROUND2, run_id, int(step), int(rank), 2)
+        return self._submit(_Call(key, meta, arrays))
+
+    def record_scalars(
+        self,
+        run_id: str,
+        step: int,
+        values: Mapping[str, float],
+        *,
+        epoch: int | None = None,
+    ) -> bool:
+        """Record cheap per-step values (nc0, loss, lr). False: buffered for replay."""
+        meta = {"values": {str(k): float(v) for k, v in values.items()}, "epoch": epoch}
+        return self._submit(_Call(BufferKey(KIND_SCALARS, run_id, int(step)), meta))
+
+    def fetch_class_means(
+        self, run_id: str, step: int, timeout_s: float, *, rank: int = 0
+    ) -> ClassMeans | None:
+        """The global class means of ``step`` once every rank's round 1 is in.
+
+        None when the service is unreachable or the means are not ready within
+        ``timeout_s`` (the caller can compute them itself and keep going).
+        """
+        deadline = time.monotonic() + timeout_s
+        self._check_open()
+        # This rank's own round 1 may still be in the buffer; the service cannot answer
+        # before it arrives.
+        if len(self._buffer) and (self._down.is_set() or not self._wait_drained(deadline)):
+            return None
+        request = pb.ClassMeansRequest(run_id=run_id, step=int(step), rank=int(rank))
+
+        def attempt(t: float) -> dict[str, np.ndarray]:
+            stream = self._stub.FetchClassMeans(request, timeout=t, metadata=self._metadata)
+            return decode_arrays(stream, max_total_bytes=_MAX_CLASS_MEANS_BYTES)
+
+        try:
+            arrays = self._retry.call(attempt, deadline, stop=self._stop)
+        except grpc.RpcError as error:
+            if status_code(error) == grpc.StatusCode.UNAVAILABLE:
+                self._down.set()
+            if is_transient(error):
+                return None
+            raise self._service_error("FetchClassMeans", error) from None
+        except WireError as error:
+            raise ServiceError("FetchClassMeans", grpc.StatusCode.DATA_LOSS, str(error)) from None
+        means = arrays.get("means")
+        if means is None or means.ndim != 2:
+            raise ServiceError(
+                "FetchClassMeans",
+                grpc.StatusCode.DATA_LOSS,
+                f"reply lacks a 2-D 'means' tensor (got {sorted(arrays)})",
+            )
+        try:
+            return ClassMeans.from_arrays(
+                arrays, num_classes=int(means.shape[0]), feature_dim=int(means.shape[1])
+            )
+        except MetricInputError as error:
+            raise ServiceError("FetchClassMeans", grpc.StatusCode.DATA_LOSS, str(error)) from None
+
+    # -- queries (raise ServiceError; nothing to buffer) ----------------------------------
+
+    def list_runs(self) -> list[dict[str, Any]]:
+        reply = self._query("ListRuns", self._stub.ListRuns, pb.ListRunsRequest())
+        return [run_to_dict(run) for run in reply.runs]
+
+    def get_run(self, run_id: str) -> dict[str, Any]:
+        reply = self._query("GetRun", self._stub.GetRun, pb.GetRunRequest(run_id=run_id))
+        return run_to_dict(reply)
+
+    def get_metrics(
+        self,
+        run_id: str,
+        step: int | None = None,
+        all_steps: bool = False,
+        *,
+        include_incomplete: bool = False,
+    ) -> dict[str, Any] | list[dict[str, Any]]:
+        """One step (``step``), every step (``all_steps``: a list, by step) or the latest."""
+        if step is not None and all_steps:
+            raise ValueError("give either step or all_steps=True, not both")
+        request = pb.GetMetricsRequest(run_id=run_id, include_incomplete=include_incomplete)
+        if all_steps:
+            request.range.SetInParent()
+        elif step is not None:
+            request.step = int(step)
+        else:
+            request.latest = True
+        reply = self._query("GetMetrics", self._stub.GetMetrics, request)
+        rows = [measurement_to_dict(m) for m in reply.measurements]
+        if all_steps:
+            return rows
+        if not rows:
+            what = f"step {step}" if step is not None else "a latest measurement"
+            raise ServiceError(
+                "GetMetrics", grpc.StatusCode.NOT_FOUND, f"run {run_id!r} has no {what}"
+            )
+        return rows[0]
+
+    def watch(
+        self,
+        run_id: str,
+        *,
+        after_step: int | None = None,
+        include_incomplete: bool = False,
+        reconnect_s: float | None = None,
+    ) -> Iterator[dict[str, Any]]:
+        """Measurements of ``run_id`` as they are finalized, until the caller stops iterating
+        or the client is closed.
+
+        With ``after_step`` the stored measurements after that step come first. If the
+        stream breaks (server restart), it reconnects with backoff and resumes after the last
+        step seen, giving up with ServiceError(UNAVAILABLE) after ``reconnect_s`` (default:
+        the client's deadline) without a connection.
+        """
+        self._check_open()
+        window = self.deadline_s if reconnect_s is None else float(reconnect_s)
+        last = after_step
+        down_since: float | None = None
+        attempt = 0
+        while not self._stop.is_set():
+            request = pb.WatchMetricsRequest(run_id=run_id, include_incomplete=include_incomplete)
+            if last is not None:
+                request.after_step = int(last)
+            call = self._stub.WatchMetrics(request, metadata=self._metadata)
+            with self._watches_lock:
+                self._watches.add(call)
+            try:
+                for measurement in call:
+                    down_since, attempt = None, 0
+                    last = measurement.step if last is None else max(last, measurement.step)
+                    yield measurement_to_dict(measurement)
+                return  # the server ended the stream (shutdown) without an error
+            except grpc.RpcError as error:
+                code = status_code(error)
+                if code == grpc.StatusCode.CANCELLED and self._stop.is_set():
+                    return
+                if code not in TRANSIENT_CODES:
+                    raise self._service_error("WatchMetrics", error) from None
+                now = time.monotonic()
+                down_since = now if down_since is None else down_since
+                if now - down_since >= window:
+                    raise self._service_error("WatchMetrics", error) from None
+                if self._stop.wait(self._retry.backoff_s(attempt)):
+                    return
+                attempt += 1
+            finally:
+                call.cancel()
+                with self._watches_lock:
+                    self._watches.discard(call)
+
+    # -- delivery ---------------------------------------------------------------------------
+
+    def flush(self, timeout_s: float | None = None) -> DeliveryReport:
+        """Replay the buffer until it is empty or ``timeout_s`` (default: the deadline) passes."""
+        self._check_open()
+        self._wait_drained(time.monotonic() + (self.deadline_s if timeout_s is None else timeout_s))
+        return self.report()
+
+    def report(self) -> DeliveryReport:
+        with self._counts_lock:
+            delivered, replayed, rejected = self._delivered, self._replayed, tuple(self._rejected)
+        return DeliveryReport(
+            delivered=delivered,
+            replayed=replayed,
+            buffered=tuple(self._buffer.keys()),
+            buffered_bytes=self._buffer.nbytes,
+            persisted=self._buffer.memory_bytes == 0 and self._buffer.spill_dir is not None,
+            dropped=tuple(self._buffer.dropped()),
+            rejected=rejected,
+        )
+
+    def close(self, timeout_s: float | None = None) -> DeliveryReport:
+        """Flush (bounded by ``timeout_s``), stop the replay thread, keep what is left in the
+        spool for the next client on the same ``spill_dir``, and report. Idempotent."""
+        if self._closed:
+            return self.report()
+        self.flush(timeout_s)
+        self._closed = True
+        self._stop.set()
+        self._wake.set()
+        with self._watches_lock:
+            for call in list(self._watches):
+                call.cancel()
+        if self._replayer is not None:
+            self._replayer.join()
+        self._buffer.persist()
+        report = self.report()
+        self._buffer.close()
+        self._channel.close()
+        if not report.complete:
+            log.warning("ncserve client closed with undelivered calls: %s", report.summary())
+        return report
+
+    def __enter__(self) -> NCClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("NCClient is closed")
+
+    def _submit(self, call: _Call) -> bool:
+        """Send ``call`` now, or buffer it behind older undelivered calls. Raises ServiceError
+        only for a permanent refusal of this very call."""
+        self._check_open()
+        deadline = time.monotonic() + self.deadline_s
+        # Order matters (a run's registration before its pushes, round 1 before round 2):
+        # while older calls wait, a new one goes behind them. During a known outage, or
+        # while the oldest call waits for other ranks, trying first would only stall.
+        if len(self._buffer) and (self._down.is_set() or self._head_waits_for_round1()):
+            self._enqueue(call)
+            return False
+        if len(self._buffer) and not self._drain(deadline):
+            self._enqueue(call)
+            return False
+        try:
+            self._send(call, deadline)
+        except grpc.RpcError as error:
+            if is_transient(error):
+                self._down.set()
+                self._enqueue(call)
+                return False
+            raise self._service_error(_METHODS[call.key.kind], error) from None
+        except _RoundOneIncompleteError:
+            # Another rank's round 1 is late (perhaps still in its own buffer): retry later.
+            self._enqueue(call)
+            return False
+        self._down.clear()
+        with self._counts_lock:
+            self._delivered += 1
+        return True
+
+    def _head_waits_for_round1(self) -> bool:
+        head = self._buffer.head_seq()
+        return head is not None and head in self._round1_wait_since
+
+    def _wait_drained(self, deadline: float) -> bool:
+        """Replay with backoff until the buffer is empty (True) or ``deadline`` passes."""
+        attempt = 0
+        while len(self._buffer) and not self._drain(deadline):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self._stop.is_set():
+                return False
+            time.sleep(min(self._retry.backoff_s(attempt), remaining))
+            attempt += 1
+        return True
+
+    def _enqueue(self, call: _Call) -> None:
+        self._buffer.append(call.key, call.payload())
+        self._wake.set()
+
+    def _send(self, call: _Call, deadline: float) -> None:
+        """Deliver one call, retrying transient failures until ``deadline``."""
+        kind = call.key.kind
+        if kind == KIND_REGISTER:
+            request = pb.RegisterRunRequest(
+                run_id=call.key.run_id,
+                num_classes=call.meta["num_classes"],
+                feature_dim=call.meta["feature_dim"],
+                world_size=call.meta["world_size"],
+                metadata=call.meta["metadata"],
+            )
+            self._retry.call(
+                lambda t: self._stub.RegisterRun(request, timeout=t, metadata=self._metadata),
+                deadline,
+                stop=self._stop,
+            )
+        elif kind == KIND_SCALARS:
+            scalars_request = pb.RecordScalarsRequest(
+                run_id=call.key.run_id, step=call.key.step, values=call.meta["values"]
+            )
+            if call.meta.get("epoch") is not None:
+                scalars_request.epoch = int(call.meta["epoch"])
+            self._retry.call(
+                lambda t: self._stub.RecordScalars(
+                    scalars_request, timeout=t, metadata=self._metadata
+                ),
+                deadline,
+                stop=self._stop,
+            )
+        else:
+            header = self._shard_header(call)
+            rpc = self._stub.PushRound1 if kind == KIND_ROUND1 else self._stub.PushRound2
+
+            def attempt(t: float) -> pb.PushReply:
+                # A fresh generator per attempt: a retried stream starts from the header.
+                return rpc(_shard_stream(header, call.arrays), timeout=t, metadata=self._metadata)
+
+            try:
+                self._retry.call(attempt, deadline, stop=self._stop)
+            except grpc.RpcError as error:
+                if kind == KIND_ROUND2 and _is_round1_incomplete(error):
+                    raise _RoundOneIncompleteError(_details(error)) from error
+                raise
+
+    def _shard_header(self, call: _Call) -> pb.ShardHeader:
+        key = call.key
+        header = pb.ShardHeader(
+            run_id=key.run_id,
+            step=key.step,
+            rank=key.rank,
+            round=pb.ROUND_1 if key.kind == KIND_ROUND1 else pb.ROUND_2,
+            num_classes=call.meta["num_classes"],
+            feature_dim=call.meta["feature_dim"],
+        )
+        if call.meta.get("epoch") is not None:
+            header.epoch = int(call.meta["epoch"])
+        if call.meta.get("scalars"):
+            header.scalars.update(call.meta["scalars"])
+        tally = call.meta.get("train_tally")
+        if tally is not None:
+            header.train_tally.CopyFrom(
+                pb.TrainTally(loss_sum=tally[0], num_correct=tally[1], num_samples=tally[2])
+            )
+        return header
+
+    def _remember_shape(self, run_id: str, num_classes: int, feature_dim: int) -> None:
+        with self._counts_lock:
+            self._shapes[run_id] = (int(num_classes), int(feature_dim))
+
+    def _shape_of(
+        self, run_id: str, stats: Round2Stats, num_classes: int | None, feature_dim: int | None
+    ) -> tuple[int, int]:
+        K = int(num_classes) if num_classes is not None else int(stats.sq_resid_K.shape[0])
+        if feature_dim is not None:
+            return K, int(feature_dim)
+        with self._counts_lock:
+            known = self._shapes.get(run_id)
+        if known is not None and known[0] == K:
+            return known
+        # The scatter is K x K when K <= P, else P x P: its size gives P only when K > P.
+        d = int(stats.scatter.shape[0])
+        if d < K:
+            return K, d
+        raise ValueError(
+            f"feature_dim of run {run_id!r} is unknown to this client (no round 1 or "
+            "registration through it); pass feature_dim= to push_round2"
+        )
+
+    def _drain(self, deadline: float) -> bool:
+        """Deliver buffered calls, oldest first, until empty (True) or blocked (False)."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not self._replay_lock.acquire(timeout=remaining):
+            return not len(self._buffer)
+        try:
+            while (entry := self._buffer.head()) is not None:
+                if time.monotonic() >= deadline or self._stop.is_set():
+                    return False
+                key = entry.key
+                shard = (key.run_id, key.step, key.rank)
+                if key.kind == KIND_ROUND2 and shard in self._refused_shards:
+                    self._reject(entry.seq, key, None, "round 1 of this shard was refused")
+                    continue
+                try:
+                    call = _Call.from_payload(key, entry.payload)
+                    self._send(call, deadline)
+                except grpc.RpcError as error:
+                    if is_transient(error):
+                        self._down.set()
+                        return False
+                    self._reject(entry.seq, key, status_code(error), _details(error))
+                    continue
+                except _RoundOneIncompleteError as waiting:
+                    self._down.clear()  # the service answered
+                    first = self._round1_wait_since.setdefault(entry.seq, time.monotonic())
+                    if time.monotonic() - first < self._round1_patience_s:
+                        return False
+                    self._reject(
+                        entry.seq,
+                        key,
+                        grpc.StatusCode.FAILED_PRECONDITION,
+                        f"{waiting} (gave up after {self._round1_patience_s:g} s)",
+                    )
+                    continue
+                except (ValueError, KeyError, TypeError) as error:
+                    # A payload this client cannot decode will never become deliverable.
+                    self._reject(entry.seq, key, None, f"undecodable buffered call: {error}")
+                    continue
+                self._down.clear()
+                self._buffer.remove(entry.seq)
+                self._round1_wait_since.pop(entry.seq, None)
+                with self._counts_lock:
+                    self._delivered += 1
+                    self._replayed += 1
+            return True
+        finally:
+            self._replay_lock.release()
+
+    def _reject(self, seq: int, key: BufferKey, code: grpc.StatusCode | None, details: str) -> None:
+        self._buffer.remove(seq)
+        self._round1_wait_since.pop(seq, None)
+        if key.kind == KIND_ROUND1:
+            self._refused_shards.add((key.run_id, key.step, key.rank))
+        name = code.name if code is not None else "CLIENT"
+        log.error("ncserve refused buffered %s: %s: %s", key, name, details)
+        with self._counts_lock:
+            self._rejected.append(RejectedEntry(key, name, details))
+
+    def _replay_loop(self) -> None:
+        attempt = 0
+        while not self._stop.is_set():
+            if not len(self._buffer):
+                self._wake.wait()
+                self._wake.clear()
+                attempt = 0
+                continue
+            if self._drain(time.monotonic() + self.deadline_s):
+                attempt = 0
+                continue
+            self._stop.wait(self._retry.backoff_s(attempt))
+            attempt += 1
+
+    def _query(self, method: str, rpc: Callable[..., T], request: Any) -> T:
+        self._check_open()
+        deadline = time.monotonic() + self.deadline_s
+        try:
+            return self._retry.call(
+                lambda t: rpc(request, timeout=t, metadata=self._metadata),
+                deadline,
+                stop=self._stop,
+            )
+        except grpc.RpcError as error:
+            raise self._service_error(method, error) from None
+
+    def _service_error(self, method: str, error: grpc.RpcError) -> ServiceError:
+        code = status_code(error) or grpc.StatusCode.UNKNOWN
+        details = _details(error)
+        if code == grpc.StatusCode.UNAVAILABLE:
+            details = f"ncserve at {self.target} is unreachable ({details})"
+        elif code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            details = f"ncserve at {self.target} did not answer within the deadline ({details})"
+        return ServiceError(method, code, details)
+
+
+_METHODS = {
+    KIND_REGISTER: "RegisterRun",
+    KIND_ROUND1: "PushRound1",
+    KIND_ROUND2: "PushRound2",
+    KIND_SCALARS: "RecordScalars",
+}
+
+# K = 20,000 classes and P = 8192 features of float64 means: 1.3 GB. Above that is no
+# measurement this service makes, so a reply claiming more is refused before allocation.
+_MAX_CLASS_MEANS_BYTES = 2 << 30
+
+
+def _shard_stream(
+    header: pb.ShardHeader, arrays: Mapping[str, np.ndarray]
+) -> Iterator[pb.ShardChunk]:
+    yield pb.ShardChunk(header=header)
+    for chunk in encode_arrays(arrays):
+        yield pb.ShardChunk(chunk=chunk)
+
+
+def _is_loopback(target: str) -> bool:
+    host = target.rsplit(":", 1)[0].strip("[]")
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def run_to_dict(run: pb.RunInfo) -> dict[str, Any]:
+    return {
+        "run_id": run.run_id,
+        "num_classes": run.num_classes,
+        "feature_dim": run.feature_dim,
+        "world_size": run.world_size,
+        "metadata": dict(run.metadata),
+        "created_unix": run.created_unix,
+        "num_measurements": run.num_measurements,
+        "num_incomplete": run.num_incomplete,
+        "latest_step": run.latest_step if run.HasField("latest_step") else None,
+        "num_open_steps": run.num_open_steps,
+    }
+
+
+def measurement_to_dict(m: pb.Measurement) -> dict[str, Any]:
+    """One measurement as a flat dict: ``step``, then the keys ``ncserve compute`` prints."""
+    row: dict[str, Any] = {"run_id": m.run_id, "step": m.step}
+    row["epoch"] = m.epoch if m.HasField("epoch") else None
+    complete = m.status == pb.STEP_COMPLETE
+    row["status"] = "complete" if complete else "incomplete"
+    if complete:
+        metrics = m.metrics
+        for key in METRIC_KEYS:
+            row[key] = getattr(metrics, key)
+        row["num_samples"] = metrics.num_samples
+        row["num_classes"] = metrics.num_classes
+        row["feature_dim"] = metrics.feature_dim
+        for key in ("holdout_nc4", "holdout_accuracy", "holdout_num_samples"):
+            if metrics.HasField(key):
+                row[key] = getattr(metrics, key)
+    else:
+        row["incomplete_reason"] = m.incomplete_reason
+    row["scalars"] = dict(m.scalars)
+    row["finalized_unix"] = m.finalized_unix
+    return row
