@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from ncserve import __version__
+from ncserve.cli.client_cmds import push, query, runs, watch
 from ncserve.cli.compute import compute
 
 
@@ -19,6 +20,8 @@ def cli() -> None:
 
 
 cli.add_command(compute)
+for _client_command in (runs, query, watch, push):
+    cli.add_command(_client_command)
 
 
 def main() -> None:

@@ -1,0 +1,514 @@
+"""Client commands of the ``ncserve`` CLI: ``runs``, ``query``, ``watch`` and ``push``.
+
+They talk to a running ``ncserve serve`` through ``NCClient``. Every failure a user can cause
+or meet (a bad file, an unknown run, an unreachable server, a wrong token) ends as one
+``Error: ...`` line and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+import grpc
+
+from ncserve.cli.compute import format_metrics_table, metrics_json
+from ncserve.client import NCClient, ServiceError, TLSConfig
+from ncserve.errors import UserError
+from ncserve.features import FeaturesFileError, load_features
+from ncserve.metrics import METRIC_KEYS, MetricInputError, round1_stats, round2_stats
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+
+
+def client_options(command: F) -> F:
+    """The connection options every client command takes."""
+    options = [
+        click.option(
+            "--target",
+            default=DEFAULT_TARGET,
+            show_default=True,
+            envvar="NCSERVE_TARGET",
+            metavar="HOST:PORT",
+            help="Address of the ncserve service (env NCSERVE_TARGET).",
+        ),
+        click.option(
+            "--token-file",
+            type=click.Path(path_type=Path, dir_okay=False),
+            envvar="NCSERVE_TOKEN_FILE",
+            help="File holding the bearer token the service requires (env NCSERVE_TOKEN_FILE).",
+        ),
+        click.option(
+            "--tls-ca",
+            type=click.Path(path_type=Path, dir_okay=False),
+            help="PEM CA certificate that signed the server's certificate; enables TLS.",
+        ),
+        click.option(
+            "--tls-cert",
+            type=click.Path(path_type=Path, dir_okay=False),
+            help="PEM client certificate for mutual TLS (with --tls-key).",
+        ),
+        click.option(
+            "--tls-key",
+            type=click.Path(path_type=Path, dir_okay=False),
+            help="PEM private key of --tls-cert.",
+        ),
+        click.option(
+            "--tls-server-name",
+            metavar="NAME",
+            help="Name to verify the server certificate against, when it differs from the "
+            "host in --target (e.g. 'localhost' when connecting to 127.0.0.1).",
+        ),
+        click.option(
+            "--deadline",
+            type=click.FloatRange(min=0, min_open=True),
+            default=10.0,
+            show_default=True,
+            metavar="SECONDS",
+            help="Deadline of each call to the service, retries included.",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _read_token(path: Path) -> str:
+    try:
+        token = path.read_text().strip()
+    except OSError as error:
+        raise UserError(f"--token-file {str(path)!r}: cannot read it ({error.strerror})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"--token-file {str(path)!r}: not a text file") from None
+    if not token or any(c.isspace() for c in token):
+        raise UserError(
+            f"--token-file {str(path)!r}: expected one token (no spaces), "
+            f"got {'an empty file' if not token else 'whitespace inside'}"
+        )
+    return token
+
+
+def make_client(opts: dict[str, Any]) -> NCClient:
+    """An NCClient from the connection options; UserError for every bad option."""
+    target = opts["target"]
+    host, sep, port = target.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UserError(f"--target must be HOST:PORT with a port in 1-65535, got {target!r}")
+    token = _read_token(opts["token_file"]) if opts.get("token_file") else None
+    tls = None
+    ca, cert, key = opts.get("tls_ca"), opts.get("tls_cert"), opts.get("tls_key")
+    if (cert is None) != (key is None):
+        raise UserError("--tls-cert and --tls-key go together (mutual TLS needs both)")
+    for flag, path in (("--tls-ca", ca), ("--tls-cert", cert), ("--tls-key", key)):
+        if path is not None and not Path(path).is_file():
+            raise UserError(f"{flag} {str(path)!r}: no such file")
+    if ca or cert or opts.get("tls_server_name"):
+        tls = TLSConfig(
+            ca_cert=ca, client_cert=cert, client_key=key, server_name=opts.get("tls_server_name")
+        )
+    try:
+        # A CLI command reports an outage instead of queueing, so no replay thread.
+        return NCClient(
+            target, token=token, tls=tls, deadline_s=opts["deadline"], replay_in_background=False
+        )
+    except ValueError as error:
+        raise UserError(str(error)) from None
+
+
+def _user_error(error: ServiceError) -> UserError:
+    if error.code == grpc.StatusCode.UNAVAILABLE:
+        return UserError(error.details)
+    if error.code == grpc.StatusCode.UNAUTHENTICATED:
+        return UserError(
+            f"the service refused the credentials: {error.details} "
+            "(check --token-file and the TLS options)"
+        )
+    return UserError(f"{error.code.name}: {error.details}")
+
+
+@contextmanager
+def connected(opts: dict[str, Any]) -> Iterator[NCClient]:
+    """A client for the duration of a command; service errors become one-line user errors."""
+    client = make_client(opts)
+    try:
+        yield client
+    except ServiceError as error:
+        raise _user_error(error) from None
+    finally:
+        client.close(timeout_s=0)
+
+
+def _connection_opts(kwargs: dict[str, Any]) -> dict[str, Any]:
+    names = ("target", "token_file", "tls_ca", "tls_cert", "tls_key", "tls_server_name", "deadline")
+    return {name: kwargs.pop(name) for name in names}
+
+
+def _command(fn: F) -> F:
+    """Split the connection options off into one ``opts`` dict for the command body."""
+
+    @functools.wraps(fn)
+    def wrapper(**kwargs: Any) -> Any:
+        opts = _connection_opts(kwargs)
+        return fn(opts, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+# -- output -------------------------------------------------------------------------------
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.4g}"
+    return str(value)
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    cells = [header, *[[_fmt(v) for v in row] for row in rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells
+    )
+
+
+def _measurement_table(row: dict[str, Any]) -> str:
+    lines = [f"run   {row['run_id']}", f"step  {row['step']}"]
+    if row.get("epoch") is not None:
+        lines.append(f"epoch {row['epoch']}")
+    if row["status"] != "complete":
+        lines.append(f"incomplete: {row.get('incomplete_reason', '')}")
+        return "\n".join(lines)
+    lines.append(format_metrics_table(row))
+    extras = {k: row[k] for k in ("holdout_nc4", "holdout_accuracy") if k in row}
+    extras.update(row.get("scalars", {}))
+    lines.extend(f"{k}  {_fmt(v)}" for k, v in extras.items())
+    return "\n".join(lines)
+
+
+_ROW_KEYS = ["step", "epoch", "status", *METRIC_KEYS]
+
+
+def _row_cells(row: dict[str, Any]) -> list[Any]:
+    return [row.get(k) for k in _ROW_KEYS]
+
+
+def _json(value: Any) -> str:
+    if isinstance(value, list):
+        return "[" + ", ".join(metrics_json(v) for v in value) + "]"
+    return metrics_json(value)
+
+
+FORMAT_OPTION = click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["json", "table"]),
+    default="table",
+    show_default=True,
+    help="json: machine-readable (NaN as null); table: aligned text.",
+)
+
+
+# -- commands ------------------------------------------------------------------------------
+
+
+@click.command("runs")
+@FORMAT_OPTION
+@client_options
+@_command
+def runs(opts: dict[str, Any], fmt: str) -> None:
+    """List the runs the service holds, oldest first."""
+    with connected(opts) as client:
+        found = client.list_runs()
+    if fmt == "json":
+        click.echo(json.dumps(found))
+        return
+    if not found:
+        click.echo("no runs")
+        return
+    header = [
+        "run_id",
+        "K",
+        "P",
+        "world_size",
+        "measurements",
+        "incomplete",
+        "latest_step",
+        "optimizer",
+    ]
+    rows = [
+        [
+            r["run_id"],
+            r["num_classes"],
+            r["feature_dim"],
+            r["world_size"],
+            r["num_measurements"],
+            r["num_incomplete"],
+            r["latest_step"],
+            r["metadata"].get("optimizer"),
+        ]
+        for r in found
+    ]
+    click.echo(_table(header, rows))
+
+
+@click.command("query")
+@click.argument("run_id", metavar="RUN")
+@click.option("--step", type=click.IntRange(min=0), help="The measurement of this step.")
+@click.option("--all", "all_steps", is_flag=True, help="Every measurement of the run, by step.")
+@click.option(
+    "--include-incomplete",
+    is_flag=True,
+    help="Also list steps marked incomplete (a rank's shard never arrived).",
+)
+@FORMAT_OPTION
+@client_options
+@_command
+def query(
+    opts: dict[str, Any],
+    run_id: str,
+    step: int | None,
+    all_steps: bool,
+    include_incomplete: bool,
+    fmt: str,
+) -> None:
+    """Measurements of RUN: the latest (default), one --step, or --all.
+
+    json prints an object for one step and a list of objects with --all; each carries `step`
+    and the metric keys `ncserve compute` prints, plus epoch, status and scalars.
+    """
+    if step is not None and all_steps:
+        raise UserError("give either --step S or --all, not both")
+    with connected(opts) as client:
+        result = client.get_metrics(
+            run_id, step=step, all_steps=all_steps, include_incomplete=include_incomplete
+        )
+    if fmt == "json":
+        click.echo(_json(result))
+    elif isinstance(result, list):
+        click.echo(
+            _table(_ROW_KEYS, [_row_cells(r) for r in result])
+            if result
+            else f"run {run_id!r} has no measurements yet"
+        )
+    else:
+        click.echo(_measurement_table(result))
+
+
+@click.command("watch")
+@click.argument("run_id", metavar="RUN")
+@click.option(
+    "--after-step",
+    type=int,
+    metavar="S",
+    help="First print the stored measurements after step S (-1: all of them).",
+)
+@click.option(
+    "--count",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="Exit after N measurements (default: run until interrupted).",
+)
+@click.option("--include-incomplete", is_flag=True, help="Also print steps marked incomplete.")
+@click.option(
+    "--reconnect",
+    type=click.FloatRange(min=0),
+    default=60.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="How long to keep reconnecting when the service goes away (e.g. restarts).",
+)
+@FORMAT_OPTION
+@client_options
+@_command
+def watch(
+    opts: dict[str, Any],
+    run_id: str,
+    after_step: int | None,
+    count: int | None,
+    include_incomplete: bool,
+    reconnect: float,
+    fmt: str,
+) -> None:
+    """Stream measurements of RUN as they are finalized (one line each; Ctrl-C stops).
+
+    json prints one JSON object per line; table one row per step.
+    """
+    with connected(opts) as client:
+        # Surface an unknown run or an unreachable service at once, not on the first event.
+        client.get_run(run_id)
+        seen = 0
+        if fmt == "table":
+            click.echo(_table(_ROW_KEYS, []))
+        try:
+            for row in client.watch(
+                run_id,
+                after_step=after_step,
+                include_incomplete=include_incomplete,
+                reconnect_s=reconnect,
+            ):
+                if fmt == "json":
+                    click.echo(metrics_json(row))
+                else:
+                    click.echo(_table(_ROW_KEYS, [_row_cells(row)]).splitlines()[-1])
+                sys.stdout.flush()
+                seen += 1
+                if count is not None and seen >= count:
+                    return
+        except KeyboardInterrupt:
+            return
+
+
+@click.command("push")
+@click.argument(
+    "features_file", metavar="FILE.npz", type=click.Path(path_type=Path, dir_okay=False)
+)
+@click.option("--run", "run_id", required=True, metavar="RUN", help="Run to push to.")
+@click.option(
+    "--step",
+    type=click.IntRange(min=0),
+    required=True,
+    metavar="S",
+    help="Training step of the measurement.",
+)
+@click.option(
+    "--rank",
+    type=click.IntRange(min=0),
+    required=True,
+    metavar="R",
+    help="This shard's rank, in [0, world-size).",
+)
+@click.option(
+    "--world-size",
+    type=click.IntRange(min=1),
+    required=True,
+    metavar="N",
+    help="Number of shards (ranks) that push this step.",
+)
+@click.option(
+    "--epoch", type=click.IntRange(min=0), metavar="E", help="Training epoch at this step."
+)
+@click.option(
+    "--meta",
+    "metadata",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Run metadata for the registration (repeatable), e.g. optimizer=sgd.",
+)
+@click.option(
+    "--wait",
+    type=click.FloatRange(min=0, min_open=True),
+    default=120.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="How long to wait for every rank's round 1 before giving up.",
+)
+@FORMAT_OPTION
+@client_options
+@_command
+def push(
+    opts: dict[str, Any],
+    features_file: Path,
+    run_id: str,
+    step: int,
+    rank: int,
+    world_size: int,
+    epoch: int | None,
+    metadata: tuple[str, ...],
+    wait: float,
+    fmt: str,
+) -> None:
+    """Push one rank's features FILE.npz through both measurement rounds.
+
+    FILE.npz is what `ncserve compute` reads: `features` (N x P), `labels` (N), `weight`
+    (K x P), optional `bias` (K) and `num_classes`. The run is registered if needed; round 1
+    goes up, the global class means come back once all N ranks have pushed, and round 2
+    follows. N concurrent pushes of the shards of a dataset give exactly what
+    `ncserve compute` gives on all of them. Prints the measurement once this push
+    completes it, otherwise what was pushed.
+    """
+    if rank >= world_size:
+        raise UserError(f"--rank {rank} is outside [0, {world_size}) for --world-size {world_size}")
+    meta = {}
+    for item in metadata:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--meta must be KEY=VALUE, got {item!r}")
+        meta[key] = value
+    try:
+        shard = load_features(features_file)
+    except FeaturesFileError as error:
+        raise UserError(str(error)) from None
+    K, P = shard.num_classes, shard.feature_dim
+    try:
+        r1 = round1_stats(shard.features_NP, shard.labels_N, K)
+    except MetricInputError as error:
+        raise UserError(f"{features_file}: {error}") from None
+    with connected(opts) as client:
+        unreachable = UserError(
+            f"ncserve at {opts['target']} is unreachable "
+            f"(no answer within --deadline {opts['deadline']:g} s)"
+        )
+        if not client.register_run(run_id, K, P, world_size, meta):
+            raise unreachable
+        if not client.push_round1(
+            run_id, step, rank, r1, shard.weight_KP, shard.bias_K, epoch=epoch
+        ):
+            raise unreachable
+        means = client.fetch_class_means(run_id, step, timeout_s=wait, rank=rank)
+        if means is None:
+            raise UserError(
+                f"round 1 of step {step} of run {run_id!r} did not complete within "
+                f"--wait {wait:g} s: are all {world_size} ranks pushing?"
+            )
+        try:
+            r2 = round2_stats(
+                shard.features_NP, shard.labels_N, means, shard.weight_KP, shard.bias_K
+            )
+        except MetricInputError as error:
+            raise UserError(f"{features_file}: {error}") from None
+        if not client.push_round2(
+            run_id, step, rank, r2, epoch=epoch, num_classes=K, feature_dim=P
+        ):
+            raise UserError(
+                f"round 2 of step {step} was not delivered within --deadline "
+                f"{opts['deadline']:g} s (service unreachable, or round 1 "
+                "incomplete)"
+            )
+        try:
+            row: dict[str, Any] | None = client.get_metrics(run_id, step=step)  # type: ignore[assignment]
+        except ServiceError as error:
+            if error.code != grpc.StatusCode.NOT_FOUND:
+                raise
+            row = None  # other ranks' round 2 is still on its way
+    if row is not None and fmt == "json":
+        click.echo(metrics_json(row))
+    elif row is not None:
+        click.echo(_measurement_table(row))
+    elif fmt == "json":
+        click.echo(
+            json.dumps(
+                {
+                    "run_id": run_id,
+                    "step": step,
+                    "rank": rank,
+                    "num_samples": int(shard.labels_N.shape[0]),
+                    "pushed": True,
+                }
+            )
+        )
+    else:
+        click.echo(
+            f"pushed rank {rank} of step {step} of run {run_id!r} "
+            f"({shard.labels_N.shape[0]} samples); waiting for other ranks' round 2"
+        )
