@@ -7,6 +7,7 @@ import click
 from ncserve import __version__
 from ncserve.cli.client_cmds import push, query, runs, watch
 from ncserve.cli.compute import compute
+from ncserve.cli.serve import serve
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -20,6 +21,7 @@ def cli() -> None:
 
 
 cli.add_command(compute)
+cli.add_command(serve)
 for _client_command in (runs, query, watch, push):
     cli.add_command(_client_command)
 

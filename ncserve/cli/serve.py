@@ -1,0 +1,227 @@
+"""``ncserve serve``: run the metrics service until SIGTERM / SIGINT."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from types import FrameType
+
+import click
+from pydantic import SecretStr, ValidationError
+
+from ncserve.errors import UserError
+
+_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
+
+
+def _read_token(path: Path) -> SecretStr:
+    try:
+        token = path.read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read --token-file {path}: {exc}") from exc
+    if not token:
+        raise UserError(f"--token-file {path} is empty")
+    return SecretStr(token)
+
+
+def _one_line(exc: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']}" for err in exc.errors()
+    )
+
+
+def _write_port_file(path: Path, port: int) -> None:
+    # Written whole then renamed, so a parent polling for the file never reads half of it.
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(f"{port}\n")
+    os.replace(tmp, path)
+
+
+@click.command("serve")
+@click.option(
+    "--listen",
+    default="127.0.0.1:50051",
+    show_default=True,
+    help="gRPC address HOST:PORT; port 0 lets the OS pick (see --port-file).",
+)
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="Serve Prometheus /metrics on this port (0 = OS-picked); no exporter when omitted.",
+)
+@click.option(
+    "--metrics-host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address the Prometheus exporter binds.",
+)
+@click.option(
+    "--db",
+    "db_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("ncserve.db"),
+    show_default=True,
+    help="SQLite database (created if missing; WAL mode; survives restarts).",
+)
+@click.option(
+    "--token-file",
+    type=_FILE,
+    default=None,
+    help="File holding the bearer token every RPC except health must send "
+    "('authorization: Bearer <token>').",
+)
+@click.option(
+    "--tls-cert", type=_FILE, default=None, help="PEM server certificate (with --tls-key)."
+)
+@click.option("--tls-key", type=_FILE, default=None, help="PEM private key of --tls-cert.")
+@click.option(
+    "--client-ca",
+    type=_FILE,
+    default=None,
+    help="PEM CA bundle: require client certificates signed by it (mTLS; needs --tls-cert).",
+)
+@click.option(
+    "--step-deadline",
+    "step_deadline_s",
+    type=click.FloatRange(min=0, min_open=True),
+    default=900.0,
+    show_default=True,
+    help="Seconds a step may stay open before it is marked incomplete (never half-counted).",
+)
+@click.option(
+    "--grace",
+    "grace_s",
+    type=click.FloatRange(min=0),
+    default=10.0,
+    show_default=True,
+    help="Seconds to drain in-flight calls on SIGTERM before exiting.",
+)
+@click.option(
+    "--max-workers",
+    type=click.IntRange(min=4),
+    default=256,
+    show_default=True,
+    help="gRPC worker threads; a run's world_size may be at most this minus 16.",
+)
+@click.option(
+    "--max-runs",
+    type=click.IntRange(min=1),
+    default=1000,
+    show_default=True,
+    help="Runs the server holds; more registrations get RESOURCE_EXHAUSTED.",
+)
+@click.option(
+    "--max-open-steps",
+    type=click.IntRange(min=1),
+    default=256,
+    show_default=True,
+    help="Steps in flight over all runs; more get RESOURCE_EXHAUSTED.",
+)
+@click.option(
+    "--max-message-bytes",
+    type=click.IntRange(min=2 << 20),
+    default=4 << 20,
+    show_default=True,
+    help="Largest gRPC message accepted (tensor chunks are at most 1 MiB).",
+)
+@click.option(
+    "--port-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write the bound gRPC port to this file once serving (for --listen HOST:0).",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default="info",
+    show_default=True,
+    help="Logging verbosity (stderr).",
+)
+def serve(
+    listen: str,
+    metrics_port: int | None,
+    metrics_host: str,
+    db_path: Path,
+    token_file: Path | None,
+    tls_cert: Path | None,
+    tls_key: Path | None,
+    client_ca: Path | None,
+    step_deadline_s: float,
+    grace_s: float,
+    max_workers: int,
+    max_runs: int,
+    max_open_steps: int,
+    max_message_bytes: int,
+    port_file: Path | None,
+    log_level: str,
+) -> None:
+    """Run the ncserve metrics service (gRPC, health, reflection, Prometheus exporter).
+
+    Training ranks push their per-shard statistics here; the service merges them per
+    (run, step), hands back the class means, finalizes the NC metrics into the --db
+    store and exports them for Prometheus. SIGTERM or SIGINT drains in-flight calls
+    (health turns NOT_SERVING) and exits within --grace seconds.
+    """
+    # Imported here so `ncserve --help` and the other commands never load grpc's server side.
+    from ncserve.service import ServerConfig, start_server
+    from ncserve.service.store import StoreError
+
+    logging.basicConfig(
+        level=getattr(logging, log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        config = ServerConfig(
+            listen=listen,
+            metrics_host=metrics_host,
+            metrics_port=metrics_port,
+            db_path=db_path,
+            token=None if token_file is None else _read_token(token_file),
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            client_ca=client_ca,
+            step_deadline_s=step_deadline_s,
+            grace_s=grace_s,
+            max_workers=max_workers,
+            max_runs=max_runs,
+            max_open_steps=max_open_steps,
+            max_message_bytes=max_message_bytes,
+        )
+    except ValidationError as exc:
+        raise UserError(_one_line(exc)) from exc
+
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        try:
+            handle = start_server(config)
+        except (ValueError, OSError, StoreError) as exc:
+            raise UserError(str(exc)) from exc
+        try:
+            if port_file is not None:
+                _write_port_file(port_file, handle.port)
+            metrics_at = (
+                "no exporter"
+                if handle.metrics_port is None
+                else f"metrics on http://{metrics_host}:{handle.metrics_port}/metrics"
+            )
+            click.echo(f"ncserve serving on {handle.address}, {metrics_at}", err=False)
+            sys.stdout.flush()
+            # Wake periodically: a signal handler only runs between bytecodes of this thread.
+            while not stop.wait(0.5):
+                pass
+        finally:
+            handle.stop(grace_s)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

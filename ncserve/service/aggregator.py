@@ -1,0 +1,915 @@
+"""The aggregator: per (run, step) barrier over world_size shards, merged as they arrive.
+
+Legend: K classes, P feature dimension, d = min(K, P) (the round-2 scatter is d x d).
+
+Memory per open step is O(K·P + d²) whatever the world size: one merged
+Round1Stats, W and b, the class means once round 1 is complete, and one merged
+Round2Stats (plus the held-out split's). A shard is merged the moment it is
+validated, and every accepted shard updates the stored merge in the same
+transaction that records it (see store.py), so nothing acknowledged is lost to a
+crash and nothing is counted twice: (run, step, rank, round) identifies a push,
+and a repeat is answered from the record instead of merged again.
+
+Floating-point sums depend on merge order; shards merged in the same order give
+bit-identical metrics (a restart continues the stored merge in arrival order).
+
+This module knows nothing of gRPC: it raises ``ncserve.service.errors`` and the
+servicer maps them to status codes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ncserve.metrics import (
+    ClassMeans,
+    MetricInputError,
+    Round1Stats,
+    Round2Stats,
+    finalize,
+)
+from ncserve.service.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    ServiceError,
+    Unavailable,
+)
+from ncserve.service.exporter import ServiceMetrics
+from ncserve.service.store import (
+    MeasurementRecord,
+    RunCounts,
+    RunRecord,
+    ScalarRecord,
+    ShardRecord,
+    Store,
+)
+
+log = logging.getLogger(__name__)
+
+ROUND_1 = 1
+ROUND_2 = 2
+ROUND1_NAMES = ("counts", "sums", "sq_dev")
+CLASSIFIER_NAMES = ("weight", "bias")
+ROUND2_NAMES = ("num_samples", "scatter", "sq_resid", "ncc_agree", "correct")
+HOLDOUT_PREFIX = "holdout."
+
+RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/=+@-]{0,199}")
+SCALAR_KEY_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
+MAX_METADATA_ENTRIES = 64
+MAX_METADATA_KEY = 64
+MAX_METADATA_VALUE = 1024
+MAX_SCALARS = 256
+
+
+class DeadlineExceeded(ServiceError):
+    status = "DEADLINE_EXCEEDED"
+    reason = "failed_precondition"
+
+
+@dataclass(frozen=True)
+class AggregatorLimits:
+    """Bounds on what clients can make the server hold."""
+
+    max_runs: int = 1000
+    max_open_steps: int = 256
+    max_world_size: int = 200
+    step_deadline_s: float = 900.0
+
+
+@dataclass(frozen=True)
+class ShardPush:
+    """One validated-on-the-wire push: header fields and the decoded tensors."""
+
+    run_id: str
+    step: int
+    rank: int
+    round: int
+    num_classes: int
+    feature_dim: int
+    epoch: int | None
+    scalars: Mapping[str, float]
+    train_tally: tuple[float, int, int] | None
+    arrays: Mapping[str, np.ndarray]
+    payload_sha256: str
+    payload_bytes: int
+
+
+@dataclass(frozen=True)
+class PushResult:
+    """What a push is answered with; depends only on the push, so a retry gets the same."""
+
+    run_id: str
+    step: int
+    rank: int
+    round: int
+    payload_bytes: int
+    payload_sha256: str
+
+    @classmethod
+    def of(cls, shard: ShardRecord) -> PushResult:
+        return cls(
+            shard.run_id,
+            shard.step,
+            shard.rank,
+            shard.round,
+            shard.payload_bytes,
+            shard.payload_sha256,
+        )
+
+
+@dataclass(frozen=True)
+class RunView:
+    """A run with its counts, for queries."""
+
+    run: RunRecord
+    counts: RunCounts
+    num_open_steps: int
+
+
+@dataclass
+class _OpenStep:
+    """In-progress state of one (run, step). Guarded by ``lock``."""
+
+    run: RunRecord
+    step: int
+    opened_unix: float
+    opened_monotonic: float
+    epoch: int | None = None
+    r1: Round1Stats | None = None
+    r1_shards: dict[int, ShardRecord] = field(default_factory=dict)
+    weight: np.ndarray | None = None
+    bias: np.ndarray | None = None
+    means: ClassMeans | None = None
+    r2: Round2Stats | None = None
+    r2_shards: dict[int, ShardRecord] = field(default_factory=dict)
+    holdout: Round2Stats | None = None
+    scalar_sums: dict[str, list[float]] = field(default_factory=dict)
+    tally: list[float] | None = None
+    closed: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def round1_complete(self) -> bool:
+        return len(self.r1_shards) == self.run.world_size
+
+    def state_json(self) -> dict[str, Any]:
+        return {"scalar_sums": self.scalar_sums, "tally": self.tally}
+
+    def missing(self, shards: Mapping[int, ShardRecord]) -> list[int]:
+        return [r for r in range(self.run.world_size) if r not in shards]
+
+
+def _arrays_with_prefix(arrays: Mapping[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
+    return {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
+
+
+def _prefixed(arrays: Mapping[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
+    return {prefix + k: np.asarray(v) for k, v in arrays.items()}
+
+
+def _r2_from_stored(arrays: Mapping[str, np.ndarray], prefix: str) -> Round2Stats | None:
+    found = _arrays_with_prefix(arrays, prefix)
+    if not found:
+        return None
+    return Round2Stats(
+        int(found["num_samples"]),
+        found["scatter"],
+        found["sq_resid"],
+        int(found["ncc_agree"]),
+        int(found["correct"]),
+    )
+
+
+def _shape_str(shape: tuple[int, ...]) -> str:
+    return "(" + ", ".join(str(d) for d in shape) + ")"
+
+
+class Aggregator:
+    """Runs, open steps and their merges; finalizes through the metric engine."""
+
+    def __init__(
+        self,
+        store: Store,
+        metrics: ServiceMetrics,
+        limits: AggregatorLimits | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._store = store
+        self._metrics = metrics
+        self.limits = limits or AggregatorLimits()
+        self._clock = clock
+        self._lock = threading.Lock()
+        # Notified on every change waiters care about: round 1 complete, step closed, shutdown.
+        self._changed = threading.Condition(self._lock)
+        self._event_seq = 0
+        self._runs: dict[str, RunRecord] = {}
+        self._open: dict[tuple[str, int], _OpenStep] = {}
+        self._shutting_down = False
+        self._restore()
+
+    # -- startup -----------------------------------------------------------------------------
+
+    def _restore(self) -> None:
+        for run in self._store.runs():
+            self._runs[run.run_id] = run
+            self._metrics.run_registered(run)
+            latest = self._store.latest_measurement(run.run_id)
+            if latest is not None:
+                self._metrics.measurement_restored(run, latest)
+            restored = self._store.latest_scalars(run.run_id, ServiceMetrics.SCALAR_GAUGE_KEYS)
+            for key, (step, value) in restored.items():
+                self._metrics.scalars_recorded(run, step, {key: value})
+        now = self._clock()
+        for record in self._store.open_steps():
+            run = self._runs[record.run_id]
+            K, P = run.num_classes, run.feature_dim
+            # The step deadline restarts with the server so clients get time to retry.
+            state = _OpenStep(run, record.step, time.time(), now, epoch=record.epoch)
+            t = record.tensors
+            if "r1.counts" in t:
+                state.r1 = Round1Stats(t["r1.counts"], t["r1.sums"], t["r1.sq_dev"])
+            state.weight = t.get("weight")
+            state.bias = t.get("bias")
+            state.r2 = _r2_from_stored(t, "r2.") or Round2Stats.zeros(K, P)
+            state.holdout = _r2_from_stored(t, "holdout.")
+            state.scalar_sums = {k: list(v) for k, v in record.state.get("scalar_sums", {}).items()}
+            tally = record.state.get("tally")
+            state.tally = None if tally is None else list(tally)
+            for shard in record.shards:
+                (state.r1_shards if shard.round == ROUND_1 else state.r2_shards)[shard.rank] = shard
+            if state.round1_complete and state.r1 is not None:
+                try:
+                    state.means = state.r1.class_means()
+                except MetricInputError as exc:
+                    self._close_incomplete(state, f"round 1 cannot give class means: {exc}")
+                    continue
+            self._open[(run.run_id, record.step)] = state
+        self._metrics.set_open_steps(len(self._open))
+        log.info("restored %d runs and %d open steps", len(self._runs), len(self._open))
+
+    # -- runs --------------------------------------------------------------------------------
+
+    def register_run(
+        self,
+        run_id: str,
+        num_classes: int,
+        feature_dim: int,
+        world_size: int,
+        metadata: Mapping[str, str],
+    ) -> tuple[bool, RunRecord]:
+        self._check_run_id(run_id)
+        if num_classes < 2:
+            raise InvalidArgument(f"num_classes must be >= 2, got {num_classes}")
+        if feature_dim < 1:
+            raise InvalidArgument(f"feature_dim must be >= 1, got {feature_dim}")
+        if world_size < 1:
+            raise InvalidArgument(f"world_size must be >= 1, got {world_size}")
+        if world_size > self.limits.max_world_size:
+            raise ResourceExhausted(
+                f"world_size={world_size} exceeds this server's limit of "
+                f"{self.limits.max_world_size} ranks per run (each waiting rank holds a "
+                "worker thread; raise --max-workers)"
+            )
+        self._check_metadata(metadata)
+        with self._lock:
+            existing = self._runs.get(run_id)
+            if existing is not None:
+                got = (num_classes, feature_dim, world_size)
+                have = (existing.num_classes, existing.feature_dim, existing.world_size)
+                if got != have:
+                    raise AlreadyExists(
+                        f"run {run_id!r} exists with num_classes={have[0]}, feature_dim="
+                        f"{have[1]}, world_size={have[2]}; got num_classes={got[0]}, "
+                        f"feature_dim={got[1]}, world_size={got[2]}"
+                    )
+                added = {k: v for k, v in metadata.items() if k not in existing.metadata}
+                if not added:
+                    return False, existing
+                merged = {**existing.metadata, **added}
+                self._store.update_run_metadata(run_id, merged)
+                updated = RunRecord(
+                    run_id,
+                    existing.num_classes,
+                    existing.feature_dim,
+                    existing.world_size,
+                    merged,
+                    existing.created_unix,
+                )
+                self._runs[run_id] = updated
+                self._metrics.run_registered(updated)
+                return False, updated
+            if len(self._runs) >= self.limits.max_runs:
+                raise ResourceExhausted(
+                    f"cannot register run {run_id!r}: this server holds its limit of "
+                    f"{self.limits.max_runs} runs (--max-runs)"
+                )
+            run = RunRecord(
+                run_id, num_classes, feature_dim, world_size, dict(metadata), time.time()
+            )
+            self._store.insert_run(run)
+            self._runs[run_id] = run
+        self._metrics.run_registered(run)
+        self._metrics.set_runs(len(self._runs))
+        return True, run
+
+    @staticmethod
+    def _check_run_id(run_id: str) -> None:
+        if not RUN_ID_PATTERN.fullmatch(run_id):
+            raise InvalidArgument(
+                f"run_id={run_id!r} is not valid: 1-200 characters of [A-Za-z0-9._:/=+@-] "
+                "starting with a letter or digit"
+            )
+
+    @staticmethod
+    def _check_metadata(metadata: Mapping[str, str]) -> None:
+        if len(metadata) > MAX_METADATA_ENTRIES:
+            raise InvalidArgument(
+                f"metadata has {len(metadata)} entries; at most {MAX_METADATA_ENTRIES} allowed"
+            )
+        for key, value in metadata.items():
+            if not 1 <= len(key) <= MAX_METADATA_KEY:
+                raise InvalidArgument(
+                    f"metadata key {key!r} must have 1-{MAX_METADATA_KEY} characters"
+                )
+            if len(value) > MAX_METADATA_VALUE:
+                raise InvalidArgument(
+                    f"metadata[{key!r}] has {len(value)} characters; at most "
+                    f"{MAX_METADATA_VALUE} allowed"
+                )
+
+    def run(self, run_id: str) -> RunRecord:
+        with self._lock:
+            run = self._runs.get(run_id)
+        if run is None:
+            raise NotFound(f"unknown run_id={run_id!r}: register it with RegisterRun first")
+        return run
+
+    def run_view(self, run_id: str) -> RunView:
+        run = self.run(run_id)
+        with self._lock:
+            open_steps = sum(1 for key in self._open if key[0] == run_id)
+        return RunView(run, self._store.run_counts(run_id), open_steps)
+
+    def list_runs(self) -> list[RunView]:
+        with self._lock:
+            runs = sorted(self._runs.values(), key=lambda r: (r.created_unix, r.run_id))
+        return [self.run_view(r.run_id) for r in runs]
+
+    # -- pushes ------------------------------------------------------------------------------
+
+    def check_header(self, push: ShardPush) -> RunRecord:
+        """Reject a push on its header alone, before its payload is read."""
+        run = self.run(push.run_id)
+        if push.step < 0:
+            raise InvalidArgument(f"step must be >= 0, got step={push.step}")
+        if not 0 <= push.rank < run.world_size:
+            raise InvalidArgument(
+                f"rank={push.rank} is outside [0, {run.world_size}) for run {run.run_id!r} "
+                f"(world_size={run.world_size})"
+            )
+        if push.num_classes != run.num_classes:
+            raise InvalidArgument(
+                f"num_classes={push.num_classes} does not match run {run.run_id!r} "
+                f"(num_classes={run.num_classes})"
+            )
+        if push.feature_dim != run.feature_dim:
+            raise InvalidArgument(
+                f"feature_dim={push.feature_dim} does not match run {run.run_id!r} "
+                f"(feature_dim={run.feature_dim})"
+            )
+        if push.epoch is not None and push.epoch < 0:
+            raise InvalidArgument(f"epoch must be >= 0, got epoch={push.epoch}")
+        if push.round == ROUND_1 and (push.scalars or push.train_tally is not None):
+            raise InvalidArgument("scalars and train_tally belong in the round-2 header")
+        for key, value in push.scalars.items():
+            if not SCALAR_KEY_PATTERN.fullmatch(key):
+                raise InvalidArgument(
+                    f"scalar key {key!r} is not 1-64 characters of [A-Za-z0-9._-]"
+                )
+            if not math.isfinite(value):
+                raise InvalidArgument(f"scalars[{key!r}]={value} is not finite")
+        if push.train_tally is not None:
+            loss_sum, correct, n = push.train_tally
+            if not math.isfinite(loss_sum):
+                raise InvalidArgument(f"train_tally.loss_sum={loss_sum} is not finite")
+            if n < 0 or not 0 <= correct <= n:
+                raise InvalidArgument(
+                    f"train_tally needs 0 <= num_correct <= num_samples, got num_correct="
+                    f"{correct}, num_samples={n}"
+                )
+        return run
+
+    def expected_payload_bytes(self, run: RunRecord, round_: int) -> int:
+        """Exact payload size of a well-formed push (a bound for the wire assembler)."""
+        K, P = run.num_classes, run.feature_dim
+        if round_ == ROUND_1:
+            return 8 * (K + K * P + K + K * P + K)
+        d = Round2Stats.scatter_dim(K, P)
+        return 2 * 8 * (3 + d * d + K)
+
+    def push(self, push: ShardPush) -> PushResult:
+        """Validate, merge and persist one shard; finalize the step if it was the last."""
+        run = self.check_header(push)
+        if push.round == ROUND_1:
+            stats1, weight, bias = self._decode_round1(run, push.arrays)
+            num_samples = stats1.num_samples
+        elif push.round == ROUND_2:
+            stats2, holdout = self._decode_round2(run, push.arrays)
+            num_samples = stats2.num_samples
+        else:
+            raise InvalidArgument(f"round={push.round} is not 1 or 2")
+        shard = ShardRecord(
+            run.run_id,
+            push.step,
+            push.rank,
+            push.round,
+            push.payload_sha256,
+            push.payload_bytes,
+            num_samples,
+        )
+        # A closed step found under its lock means a concurrent close won: look it up again.
+        for _ in range(3):
+            state, answer = self._step_for(run, shard)
+            if state is None:
+                assert answer is not None
+                return answer
+            with state.lock:
+                if state.closed:
+                    continue
+                previous = (state.r1_shards if push.round == ROUND_1 else state.r2_shards).get(
+                    push.rank
+                )
+                if previous is not None:
+                    return self._repeat(previous, shard)
+                if push.round == ROUND_1:
+                    self._merge_round1(state, shard, push, stats1, weight, bias)
+                else:
+                    self._merge_round2(state, shard, push, stats2, holdout)
+            self._metrics.shard_received(push.round, push.payload_bytes)
+            return PushResult.of(shard)
+        raise Unavailable(f"step {push.step} of run {run.run_id!r} is changing state; retry")
+
+    def _decode_round1(
+        self, run: RunRecord, arrays: Mapping[str, np.ndarray]
+    ) -> tuple[Round1Stats, np.ndarray | None, np.ndarray | None]:
+        K, P = run.num_classes, run.feature_dim
+        unknown = sorted(set(arrays) - set(ROUND1_NAMES) - set(CLASSIFIER_NAMES))
+        if unknown:
+            raise InvalidArgument(
+                f"unknown tensor {unknown[0]!r} in a round-1 push; expected "
+                f"{', '.join(ROUND1_NAMES + CLASSIFIER_NAMES)}"
+            )
+        try:
+            stats = Round1Stats.from_arrays(
+                {k: v for k, v in arrays.items() if k in ROUND1_NAMES}, K, P
+            )
+        except MetricInputError as exc:
+            raise InvalidArgument(f"round-1 push: {exc}") from exc
+        weight = self._classifier_tensor(arrays, "weight", (K, P))
+        bias = self._classifier_tensor(arrays, "bias", (K,))
+        if bias is not None and weight is None:
+            raise InvalidArgument("tensor 'bias' sent without 'weight'; send both from one rank")
+        return stats, weight, bias
+
+    @staticmethod
+    def _classifier_tensor(
+        arrays: Mapping[str, np.ndarray], name: str, shape: tuple[int, ...]
+    ) -> np.ndarray | None:
+        if name not in arrays:
+            return None
+        array = np.asarray(arrays[name])
+        if array.shape != shape:
+            raise InvalidArgument(
+                f"tensor {name!r} has shape {_shape_str(array.shape)}; expected {_shape_str(shape)}"
+            )
+        if array.dtype.kind != "f":
+            raise InvalidArgument(f"tensor {name!r} must be float64, got {array.dtype}")
+        if not np.isfinite(array).all():
+            bad = int(np.flatnonzero(~np.isfinite(array.reshape(-1)))[0])
+            raise InvalidArgument(
+                f"tensor {name!r} contains NaN or Inf (first at flat index {bad}: "
+                f"{array.reshape(-1)[bad]})"
+            )
+        return np.asarray(array, dtype=np.float64)
+
+    def _decode_round2(
+        self, run: RunRecord, arrays: Mapping[str, np.ndarray]
+    ) -> tuple[Round2Stats, Round2Stats | None]:
+        K, P = run.num_classes, run.feature_dim
+        allowed = set(ROUND2_NAMES) | {HOLDOUT_PREFIX + n for n in ROUND2_NAMES}
+        unknown = sorted(set(arrays) - allowed)
+        if unknown:
+            raise InvalidArgument(
+                f"unknown tensor {unknown[0]!r} in a round-2 push; expected "
+                f"{', '.join(ROUND2_NAMES)} and optionally the same prefixed {HOLDOUT_PREFIX!r}"
+            )
+        try:
+            stats = Round2Stats.from_arrays(
+                {k: v for k, v in arrays.items() if k in ROUND2_NAMES}, K, P
+            )
+        except MetricInputError as exc:
+            raise InvalidArgument(f"round-2 push: {exc}") from exc
+        held = _arrays_with_prefix(arrays, HOLDOUT_PREFIX)
+        holdout = None
+        if held:
+            try:
+                holdout = Round2Stats.from_arrays(held, K, P)
+            except MetricInputError as exc:
+                raise InvalidArgument(f"round-2 push, held-out split: {exc}") from exc
+        return stats, holdout
+
+    def _step_for(
+        self, run: RunRecord, shard: ShardRecord
+    ) -> tuple[_OpenStep | None, PushResult | None]:
+        """The open step a shard merges into, or the answer when the step is closed."""
+        key = (run.run_id, shard.step)
+        with self._lock:
+            state = self._open.get(key)
+            if state is not None:
+                if shard.round == ROUND_2 and not state.round1_complete:
+                    raise FailedPrecondition(
+                        f"round 2 of step {shard.step} of run {run.run_id!r} before round 1 is "
+                        f"complete ({len(state.r1_shards)} of {run.world_size} round-1 shards "
+                        f"in, missing ranks {state.missing(state.r1_shards)}); retry later"
+                    )
+                return state, None
+        closed = self._store.step_status(run.run_id, shard.step)
+        if closed is not None:
+            if closed.status == "incomplete":
+                raise FailedPrecondition(
+                    f"step {shard.step} of run {run.run_id!r} was marked incomplete "
+                    f"({closed.reason}); its shards are no longer accepted"
+                )
+            previous = self._store.shard(run.run_id, shard.step, shard.rank, shard.round)
+            if previous is None:
+                raise FailedPrecondition(
+                    f"step {shard.step} of run {run.run_id!r} is already finalized"
+                )
+            return None, self._repeat(previous, shard)
+        if shard.round == ROUND_2:
+            raise FailedPrecondition(
+                f"round 2 of step {shard.step} of run {run.run_id!r} before round 1 is complete "
+                f"(0 of {run.world_size} round-1 shards in); retry later"
+            )
+        with self._lock:
+            state = self._open.get(key)
+            if state is None:
+                if self._shutting_down:
+                    raise Unavailable("server is shutting down; retry against its successor")
+                if len(self._open) >= self.limits.max_open_steps:
+                    raise ResourceExhausted(
+                        f"cannot open step {shard.step} of run {run.run_id!r}: "
+                        f"{len(self._open)} steps are open, the limit (--max-open-steps)"
+                    )
+                state = _OpenStep(run, shard.step, time.time(), self._clock())
+                self._open[key] = state
+                self._metrics.set_open_steps(len(self._open))
+            return state, None
+
+    @staticmethod
+    def _repeat(previous: ShardRecord, shard: ShardRecord) -> PushResult:
+        if previous.payload_sha256 != shard.payload_sha256:
+            raise AlreadyExists(
+                f"rank {shard.rank} already pushed a different round-{shard.round} shard for "
+                f"step {shard.step} of run {shard.run_id!r} (payload_sha256 "
+                f"{previous.payload_sha256[:16]}..., this one {shard.payload_sha256[:16]}...)"
+            )
+        return PushResult.of(previous)
+
+    def _merge_round1(
+        self,
+        state: _OpenStep,
+        shard: ShardRecord,
+        push: ShardPush,
+        stats: Round1Stats,
+        weight: np.ndarray | None,
+        bias: np.ndarray | None,
+    ) -> None:
+        run = state.run
+        base = state.r1 or Round1Stats.zeros(run.num_classes, run.feature_dim)
+        merged = base.merge(stats)
+        completes = len(state.r1_shards) + 1 == run.world_size
+        new_weight = state.weight is None and weight is not None
+        if completes and state.weight is None and weight is None:
+            raise FailedPrecondition(
+                f"the last round-1 shard of step {shard.step} of run {run.run_id!r} arrived and "
+                "no rank sent tensor 'weight'; the classifier W (and b) must come with round 1"
+            )
+        tensors: dict[str, np.ndarray] = _prefixed(merged.to_arrays(), "r1.")
+        if new_weight:
+            assert weight is not None
+            tensors["weight"] = weight
+            if bias is not None:
+                tensors["bias"] = bias
+        epoch = _max_epoch(state.epoch, push.epoch)
+        self._store.accept_shard(shard, epoch, state.state_json(), tensors, state.opened_unix)
+        state.r1 = merged
+        state.epoch = epoch
+        state.r1_shards[shard.rank] = shard
+        if new_weight:
+            state.weight, state.bias = weight, bias
+        if state.round1_complete:
+            try:
+                means = merged.class_means()
+            except MetricInputError as exc:
+                self._close_incomplete(state, f"round 1 cannot give class means: {exc}")
+                return
+            with self._lock:
+                state.means = means
+                if state.r2 is None:
+                    state.r2 = Round2Stats.zeros(run.num_classes, run.feature_dim)
+                self._bump()
+
+    def _merge_round2(
+        self,
+        state: _OpenStep,
+        shard: ShardRecord,
+        push: ShardPush,
+        stats: Round2Stats,
+        holdout: Round2Stats | None,
+    ) -> None:
+        run = state.run
+        r1_shard = state.r1_shards[shard.rank]
+        if stats.num_samples != r1_shard.num_samples:
+            raise InvalidArgument(
+                f"round-2 num_samples={stats.num_samples} of rank {shard.rank} does not match its "
+                f"round-1 shard ({r1_shard.num_samples} samples) for step {shard.step}"
+            )
+        assert state.r2 is not None
+        merged = state.r2.merge(stats)
+        merged_holdout = holdout if state.holdout is None else state.holdout
+        if holdout is not None and state.holdout is not None:
+            merged_holdout = state.holdout.merge(holdout)
+        scalar_sums = {k: list(v) for k, v in state.scalar_sums.items()}
+        for key, value in push.scalars.items():
+            entry = scalar_sums.setdefault(key, [0.0, 0.0])
+            entry[0] += float(value)
+            entry[1] += 1.0
+        tally = state.tally
+        if push.train_tally is not None:
+            base = tally or [0.0, 0.0, 0.0]
+            tally = [base[i] + float(push.train_tally[i]) for i in range(3)]
+        epoch = _max_epoch(state.epoch, push.epoch)
+        if len(state.r2_shards) + 1 < run.world_size:
+            tensors = _prefixed(merged.to_arrays(), "r2.")
+            if merged_holdout is not None:
+                tensors.update(_prefixed(merged_holdout.to_arrays(), HOLDOUT_PREFIX))
+            json_state = {"scalar_sums": scalar_sums, "tally": tally}
+            self._store.accept_shard(shard, epoch, json_state, tensors, state.opened_unix)
+            state.r2, state.holdout = merged, merged_holdout
+            state.scalar_sums, state.tally, state.epoch = scalar_sums, tally, epoch
+            state.r2_shards[shard.rank] = shard
+            return
+        self._finalize(state, shard, merged, merged_holdout, scalar_sums, tally, epoch)
+
+    def _finalize(
+        self,
+        state: _OpenStep,
+        last_shard: ShardRecord,
+        r2: Round2Stats,
+        holdout: Round2Stats | None,
+        scalar_sums: Mapping[str, list[float]],
+        tally: list[float] | None,
+        epoch: int | None,
+    ) -> None:
+        run = state.run
+        started = time.perf_counter()
+        assert state.r1 is not None and state.weight is not None
+        try:
+            metrics: dict[str, float] = dict(finalize(state.r1, r2, state.weight, state.bias))
+        except MetricInputError as exc:
+            self._close_incomplete(state, f"finalize failed: {exc}")
+            return
+        if holdout is not None and holdout.num_samples > 0:
+            metrics["holdout_nc4"] = holdout.ncc_agree / holdout.num_samples
+            metrics["holdout_accuracy"] = holdout.correct / holdout.num_samples
+            metrics["holdout_num_samples"] = holdout.num_samples
+        scalars = {k: v[0] / v[1] for k, v in scalar_sums.items() if v[1] > 0}
+        if tally is not None and tally[2] > 0:
+            scalars["train_loss"] = tally[0] / tally[2]
+            scalars["train_accuracy"] = tally[1] / tally[2]
+        record = self._store.finalize_step(
+            run.run_id, state.step, epoch, metrics, scalars, last_shard
+        )
+        self._metrics.observe_finalize(time.perf_counter() - started)
+        self._close(state)
+        self._metrics.measurement_finalized(run, record)
+
+    def _close_incomplete(self, state: _OpenStep, reason: str) -> MeasurementRecord | None:
+        """Mark a step incomplete (nothing of it counted). Caller holds ``state.lock``."""
+        try:
+            record = self._store.mark_incomplete(state.run.run_id, state.step, state.epoch, reason)
+        except ServiceError as exc:
+            log.error(
+                "could not mark step %d of run %r incomplete: %s", state.step, state.run.run_id, exc
+            )
+            return None
+        log.warning("step %d of run %r incomplete: %s", state.step, state.run.run_id, reason)
+        self._close(state)
+        self._metrics.step_incomplete(state.run)
+        return record
+
+    def _close(self, state: _OpenStep) -> None:
+        state.closed = True
+        with self._lock:
+            self._open.pop((state.run.run_id, state.step), None)
+            self._metrics.set_open_steps(len(self._open))
+            self._bump()
+
+    def _bump(self) -> None:
+        """Wake every waiter. Caller holds ``self._lock``."""
+        self._event_seq += 1
+        self._changed.notify_all()
+
+    # -- deadlines ---------------------------------------------------------------------------
+
+    def expire_overdue(self) -> int:
+        """Mark every step open longer than the step deadline incomplete; return how many."""
+        now = self._clock()
+        with self._lock:
+            overdue = [
+                s
+                for s in self._open.values()
+                if now - s.opened_monotonic > self.limits.step_deadline_s
+            ]
+        expired = 0
+        for state in overdue:
+            with state.lock:
+                if state.closed:
+                    continue
+                run = state.run
+                if not state.round1_complete:
+                    missing = f"round 1 missing ranks {state.missing(state.r1_shards)}"
+                else:
+                    missing = f"round 2 missing ranks {state.missing(state.r2_shards)}"
+                reason = (
+                    f"step deadline of {self.limits.step_deadline_s:g}s passed with {missing} "
+                    f"of world_size {run.world_size}"
+                )
+                if self._close_incomplete(state, reason) is not None:
+                    expired += 1
+        return expired
+
+    # -- class means -------------------------------------------------------------------------
+
+    def class_means(
+        self, run_id: str, step: int, rank: int, wait_s: float, is_active: Callable[[], bool]
+    ) -> ClassMeans:
+        """The global class means of a step, waiting up to ``wait_s`` for round 1 to complete."""
+        run = self.run(run_id)
+        if step < 0:
+            raise InvalidArgument(f"step must be >= 0, got step={step}")
+        if not 0 <= rank < run.world_size:
+            raise InvalidArgument(
+                f"rank={rank} is outside [0, {run.world_size}) for run {run_id!r}"
+            )
+        deadline = self._clock() + wait_s
+        while True:
+            with self._lock:
+                seq = self._event_seq
+                if self._shutting_down:
+                    raise Unavailable("server is shutting down; retry against its successor")
+                state = self._open.get((run_id, step))
+                if state is not None and state.means is not None:
+                    return state.means
+            if state is None:
+                closed = self._store.step_status(run_id, step)
+                if closed is not None and closed.status == "incomplete":
+                    raise FailedPrecondition(
+                        f"step {step} of run {run_id!r} was marked incomplete ({closed.reason})"
+                    )
+                if closed is not None:
+                    raise FailedPrecondition(
+                        f"step {step} of run {run_id!r} is already finalized; its class means "
+                        "are no longer held"
+                    )
+            remaining = deadline - self._clock()
+            if remaining <= 0:
+                have = 0 if state is None else len(state.r1_shards)
+                raise DeadlineExceeded(
+                    f"round 1 of step {step} of run {run_id!r} is not complete "
+                    f"({have} of {run.world_size} shards in)"
+                )
+            if not is_active():
+                raise Unavailable("call cancelled")
+            with self._lock:
+                # Waits only if nothing changed since the checks above (no lost wake-up).
+                self._changed.wait_for(lambda s=seq: self._event_seq != s, min(remaining, 1.0))
+
+    # -- watchers ----------------------------------------------------------------------------
+
+    def wait_for_change(self, seq: int, timeout_s: float) -> int:
+        """Block until something is finalized or closed after ``seq`` (or timeout)."""
+        with self._lock:
+            self._changed.wait_for(lambda: self._event_seq != seq or self._shutting_down, timeout_s)
+            return self._event_seq
+
+    @property
+    def event_seq(self) -> int:
+        with self._lock:
+            return self._event_seq
+
+    @property
+    def shutting_down(self) -> bool:
+        with self._lock:
+            return self._shutting_down
+
+    def begin_shutdown(self) -> None:
+        with self._lock:
+            self._shutting_down = True
+            self._bump()
+
+    # -- queries and scalars -----------------------------------------------------------------
+
+    def measurements(
+        self,
+        run_id: str,
+        step: int | None = None,
+        first: int | None = None,
+        last: int | None = None,
+        latest: bool = False,
+        include_incomplete: bool = False,
+    ) -> list[MeasurementRecord]:
+        self.run(run_id)
+        if latest:
+            record = self._store.latest_measurement(run_id)
+            if record is None:
+                raise NotFound(f"run {run_id!r} has no finalized measurement yet")
+            return [record]
+        if step is not None:
+            found = self._store.measurements(run_id, step, step, include_incomplete)
+            if not found:
+                raise NotFound(f"run {run_id!r} has no measurement at step={step}")
+            return found
+        if first is not None and last is not None and first > last:
+            raise InvalidArgument(f"range first={first} is after last={last}")
+        return self._store.measurements(run_id, first, last, include_incomplete)
+
+    def watch_backlog(
+        self, run_id: str, after_step: int | None, include_incomplete: bool
+    ) -> tuple[list[MeasurementRecord], int]:
+        """Stored measurements a new watcher replays, and the row id to stream after."""
+        self.run(run_id)
+        upto = self._store.max_measurement_id()
+        if after_step is None:
+            return [], upto
+        backlog = self._store.measurements(
+            run_id, first=after_step + 1, include_incomplete=include_incomplete, max_id=upto
+        )
+        return backlog, upto
+
+    def measurements_after(
+        self, run_id: str, after_id: int, include_incomplete: bool
+    ) -> list[MeasurementRecord]:
+        return self._store.measurements(
+            run_id, include_incomplete=include_incomplete, after_id=after_id, order_by="id"
+        )
+
+    def record_scalars(
+        self, run_id: str, step: int, epoch: int | None, values: Mapping[str, float]
+    ) -> int:
+        run = self.run(run_id)
+        if step < 0:
+            raise InvalidArgument(f"step must be >= 0, got step={step}")
+        if epoch is not None and epoch < 0:
+            raise InvalidArgument(f"epoch must be >= 0, got epoch={epoch}")
+        if not values:
+            raise InvalidArgument("values is empty; send at least one scalar")
+        if len(values) > MAX_SCALARS:
+            raise InvalidArgument(f"values has {len(values)} entries; at most {MAX_SCALARS}")
+        for key, value in values.items():
+            if not SCALAR_KEY_PATTERN.fullmatch(key):
+                raise InvalidArgument(
+                    f"values key {key!r} is not 1-64 characters of [A-Za-z0-9._-]"
+                )
+            if not math.isfinite(value):
+                raise InvalidArgument(f"values[{key!r}]={value} is not finite")
+        self._store.record_scalars(run_id, step, epoch, values)
+        self._metrics.scalars_recorded(run, step, values)
+        return len(values)
+
+    def scalars(
+        self, run_id: str, first: int | None, last: int | None, keys: list[str]
+    ) -> list[ScalarRecord]:
+        self.run(run_id)
+        return self._store.scalars(run_id, first, last, keys)
+
+
+def _max_epoch(a: int | None, b: int | None) -> int | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return max(a, b)

@@ -1,0 +1,272 @@
+"""Start and stop the ncserve gRPC server (in-process or from ``ncserve serve``).
+
+handle = start_server(ServerConfig(listen="127.0.0.1:0", db_path=tmp / "nc.db"))
+handle.port, handle.metrics_port   # the bound ports
+handle.stop(grace_s=5)             # NOT_SERVING, drain, close the store
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+from ncserve.service.aggregator import Aggregator, AggregatorLimits
+from ncserve.service.auth import TokenAuthInterceptor
+from ncserve.service.exporter import ServiceMetrics, start_exporter
+from ncserve.service.servicer import NCServicer
+from ncserve.service.store import Store
+from ncserve.v1 import ncserve_pb2 as pb
+from ncserve.v1 import ncserve_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["NCService"].full_name
+_PUSH_METHODS = (f"/{SERVICE_NAME}/PushRound1", f"/{SERVICE_NAME}/PushRound2")
+
+
+def split_host_port(address: str) -> tuple[str, int]:
+    """``HOST:PORT`` or ``[V6]:PORT`` -> (host, port); ValueError naming the address."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"address {address!r} is not HOST:PORT with PORT in 0-65535")
+    return host.strip("[]"), int(port)
+
+
+class ServerConfig(BaseModel):
+    """Everything a server needs; validated on construction (errors name the field)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    listen: str = Field("127.0.0.1:50051", description="gRPC address HOST:PORT (0 = OS-picked)")
+    metrics_host: str = Field("127.0.0.1", description="address of the Prometheus exporter")
+    metrics_port: int | None = Field(
+        None, ge=0, le=65535, description="exporter port (0 = OS-picked, None = no exporter)"
+    )
+    db_path: Path = Field(Path("ncserve.db"), description="SQLite database file")
+    token: SecretStr | None = Field(None, description="bearer token required on every RPC")
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    client_ca: Path | None = Field(None, description="CA of client certificates (mTLS)")
+    step_deadline_s: float = Field(900.0, gt=0, description="open step -> incomplete after")
+    max_workers: int = Field(256, ge=4, description="gRPC worker threads")
+    max_runs: int = Field(1000, ge=1)
+    max_open_steps: int = Field(256, ge=1)
+    max_message_bytes: int = Field(4 << 20, ge=2 << 20, description="largest gRPC message")
+    max_shard_bytes: int = Field(2 << 30, ge=1 << 20, description="largest push payload")
+    grace_s: float = Field(10.0, ge=0, description="drain time on stop / SIGTERM")
+
+    @field_validator("listen")
+    @classmethod
+    def _check_listen(cls, value: str) -> str:
+        split_host_port(value)
+        return value
+
+    @field_validator("token")
+    @classmethod
+    def _check_token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().strip():
+            raise ValueError("token is empty")
+        return value
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> ServerConfig:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: give both or neither")
+        if self.client_ca is not None and self.tls_cert is None:
+            raise ValueError("client_ca (mTLS) needs tls_cert and tls_key")
+        return self
+
+    @property
+    def max_world_size(self) -> int:
+        # Each rank waiting for class means holds a worker; keep some for everything else.
+        return max(1, self.max_workers - 16)
+
+
+class ServerHandle:
+    """A running server. ``stop`` is idempotent and safe from any thread."""
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        server: grpc.Server,
+        port: int,
+        health_servicer: health.HealthServicer,
+        aggregator: Aggregator,
+        store: Store,
+        metrics: ServiceMetrics,
+        exporter: tuple[object, threading.Thread] | None,
+        metrics_port: int | None,
+    ) -> None:
+        self.config = config
+        self.port = port
+        self.metrics_port = metrics_port
+        self.aggregator = aggregator
+        self.store = store
+        self.metrics = metrics
+        self._server = server
+        self._health = health_servicer
+        self._exporter = exporter
+        self._reaper_stop = threading.Event()
+        self._stopped = threading.Event()
+        self._stop_lock = threading.Lock()
+        interval = min(1.0, max(0.05, config.step_deadline_s / 4))
+        self._reaper = threading.Thread(
+            target=self._reap, args=(interval,), name="ncserve-step-deadline", daemon=True
+        )
+        self._reaper.start()
+
+    @property
+    def address(self) -> str:
+        host, _ = split_host_port(self.config.listen)
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+
+    def _reap(self, interval: float) -> None:
+        while not self._reaper_stop.wait(interval):
+            try:
+                self.aggregator.expire_overdue()
+            except Exception:  # the reaper must outlive one bad pass
+                log.exception("step-deadline pass failed")
+
+    def stop(self, grace_s: float | None = None) -> None:
+        """NOT_SERVING, end waits and watches, drain in-flight calls for ``grace_s``, close."""
+        with self._stop_lock:
+            if self._stopped.is_set():
+                return
+            grace = self.config.grace_s if grace_s is None else grace_s
+            log.info("stopping: draining in-flight calls for up to %gs", grace)
+            self._health.enter_graceful_shutdown()
+            self.aggregator.begin_shutdown()
+            self._server.stop(grace).wait()
+            self._reaper_stop.set()
+            self._reaper.join()
+            if self._exporter is not None:
+                httpd = self._exporter[0]
+                httpd.shutdown()  # type: ignore[attr-defined]
+                httpd.server_close()  # type: ignore[attr-defined]
+            self.store.close()
+            self._stopped.set()
+            log.info("stopped")
+
+    def wait(self, timeout_s: float | None = None) -> bool:
+        """Block until stopped; True if it stopped within ``timeout_s``."""
+        return self._stopped.wait(timeout_s)
+
+    def __enter__(self) -> ServerHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"cannot read {what} {path}: {exc.strerror}") from exc
+
+
+def start_server(config: ServerConfig) -> ServerHandle:
+    """Open the store, bind the gRPC server (and exporter), start serving; return a handle.
+
+    Raises ValueError (bad address or TLS file), OSError (port in use) or
+    ncserve.service.store.StoreError (database unusable), each naming what is wrong.
+    """
+    metrics = ServiceMetrics()
+    store = Store(config.db_path)
+    try:
+        limits = AggregatorLimits(
+            max_runs=config.max_runs,
+            max_open_steps=config.max_open_steps,
+            max_world_size=config.max_world_size,
+            step_deadline_s=config.step_deadline_s,
+        )
+        aggregator = Aggregator(store, metrics, limits)
+        metrics.set_runs(len(aggregator.list_runs()))
+
+        interceptors: list[grpc.ServerInterceptor] = []
+        if config.token is not None:
+
+            def count_rejection(method: str) -> None:
+                if method in _PUSH_METHODS:
+                    metrics.shard_rejected("unauthenticated")
+
+            interceptors.append(
+                TokenAuthInterceptor(config.token.get_secret_value(), count_rejection)
+            )
+        server = grpc.server(
+            futures.ThreadPoolExecutor(
+                max_workers=config.max_workers, thread_name_prefix="ncserve-rpc"
+            ),
+            interceptors=interceptors,
+            options=[
+                ("grpc.max_receive_message_length", config.max_message_bytes),
+                ("grpc.max_send_message_length", config.max_message_bytes),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        pb_grpc.add_NCServiceServicer_to_server(
+            NCServicer(aggregator, metrics, config.max_shard_bytes), server
+        )
+        health_servicer = health.HealthServicer(experimental_non_blocking=True)
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME),
+            server,
+        )  # fmt: skip
+
+        host, port = split_host_port(config.listen)
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        if config.tls_cert is not None and config.tls_key is not None:
+            ca = None if config.client_ca is None else _read(config.client_ca, "client CA")
+            credentials = grpc.ssl_server_credentials(
+                [(_read(config.tls_key, "TLS key"), _read(config.tls_cert, "TLS certificate"))],
+                root_certificates=ca,
+                require_client_auth=ca is not None,
+            )
+            bound = server.add_secure_port(address, credentials)
+        else:
+            bound = server.add_insecure_port(address)
+        if bound == 0:
+            raise OSError(f"cannot listen on {config.listen} (in use or not a local address)")
+
+        exporter = None
+        metrics_port = None
+        if config.metrics_port is not None:
+            exporter = start_exporter(metrics.registry, config.metrics_host, config.metrics_port)
+            metrics_port = int(exporter[0].server_port)
+        server.start()
+    except BaseException:
+        store.close()
+        raise
+    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+    log.info(
+        "serving %s on %s:%d (tls=%s, mtls=%s, token=%s), metrics port %s, db %s",
+        SERVICE_NAME,
+        host,
+        bound,
+        config.tls_cert is not None,
+        config.client_ca is not None,
+        config.token is not None,
+        metrics_port,
+        config.db_path,
+    )
+    return ServerHandle(
+        config,
+        server,
+        bound,
+        health_servicer,
+        aggregator,
+        store,
+        metrics,
+        exporter,
+        metrics_port,
+    )

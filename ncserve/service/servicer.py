@@ -1,0 +1,325 @@
+"""The gRPC servicer: validate, translate to domain objects, call the aggregator, map errors."""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+from collections.abc import Iterable, Iterator
+from typing import NoReturn
+
+import grpc
+
+from ncserve import wire
+from ncserve.metrics import ClassMeans
+from ncserve.service.aggregator import (
+    Aggregator,
+    PushResult,
+    RunView,
+    ShardPush,
+)
+from ncserve.service.errors import InvalidArgument, ResourceExhausted, ServiceError, TruncatedStream
+from ncserve.service.exporter import ServiceMetrics
+from ncserve.service.store import MeasurementRecord, RunRecord
+from ncserve.v1 import ncserve_pb2 as pb
+from ncserve.v1 import ncserve_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+_NC_INT_FIELDS = {"num_samples", "num_classes", "feature_dim", "holdout_num_samples"}
+_MEANS_CACHE_ENTRIES = 4
+
+
+def _abort(context: grpc.ServicerContext, exc: ServiceError) -> NoReturn:
+    context.abort(getattr(grpc.StatusCode, exc.status), str(exc))
+    raise AssertionError("context.abort returned")  # abort always raises
+
+
+def run_info(view: RunView) -> pb.RunInfo:
+    run = view.run
+    info = pb.RunInfo(
+        run_id=run.run_id,
+        num_classes=run.num_classes,
+        feature_dim=run.feature_dim,
+        world_size=run.world_size,
+        metadata=run.metadata,
+        created_unix=run.created_unix,
+        num_measurements=view.counts.num_measurements,
+        num_incomplete=view.counts.num_incomplete,
+        num_open_steps=view.num_open_steps,
+    )
+    if view.counts.latest_step is not None:
+        info.latest_step = view.counts.latest_step
+    return info
+
+
+def measurement(record: MeasurementRecord) -> pb.Measurement:
+    message = pb.Measurement(
+        run_id=record.run_id,
+        step=record.step,
+        status=pb.STEP_COMPLETE if record.status == "complete" else pb.STEP_INCOMPLETE,
+        incomplete_reason=record.reason,
+        finalized_unix=record.finalized_unix,
+        scalars=record.scalars,
+    )
+    if record.epoch is not None:
+        message.epoch = record.epoch
+    if record.metrics is not None:
+        fields = pb.NCMetrics.DESCRIPTOR.fields_by_name
+        values = {
+            key: int(value) if key in _NC_INT_FIELDS else float(value)
+            for key, value in record.metrics.items()
+            if key in fields
+        }
+        message.metrics.CopyFrom(pb.NCMetrics(**values))
+    return message
+
+
+def _push_reply(result: PushResult) -> pb.PushReply:
+    return pb.PushReply(
+        run_id=result.run_id,
+        step=result.step,
+        rank=result.rank,
+        round=result.round,
+        payload_bytes=result.payload_bytes,
+        payload_sha256=result.payload_sha256,
+    )
+
+
+class NCServicer(pb_grpc.NCServiceServicer):
+    """Implements ncserve.v1.NCService on top of an Aggregator."""
+
+    def __init__(
+        self, aggregator: Aggregator, metrics: ServiceMetrics, max_shard_bytes: int
+    ) -> None:
+        self._agg = aggregator
+        self._metrics = metrics
+        self._max_shard_bytes = max_shard_bytes
+        self._means_lock = threading.Lock()
+        # Encoded once per step and shared by every rank's FetchClassMeans.
+        self._means_cache: collections.OrderedDict[
+            tuple[str, int], tuple[ClassMeans, list[pb.TensorChunk]]
+        ] = collections.OrderedDict()
+
+    # -- runs --------------------------------------------------------------------------------
+
+    def RegisterRun(
+        self, request: pb.RegisterRunRequest, context: grpc.ServicerContext
+    ) -> pb.RegisterRunReply:
+        try:
+            created, run = self._agg.register_run(
+                request.run_id,
+                request.num_classes,
+                request.feature_dim,
+                request.world_size,
+                dict(request.metadata),
+            )
+            view = self._agg.run_view(run.run_id)
+        except ServiceError as exc:
+            _abort(context, exc)
+        return pb.RegisterRunReply(created=created, run=run_info(view))
+
+    def ListRuns(
+        self, request: pb.ListRunsRequest, context: grpc.ServicerContext
+    ) -> pb.ListRunsReply:
+        return pb.ListRunsReply(runs=[run_info(v) for v in self._agg.list_runs()])
+
+    def GetRun(self, request: pb.GetRunRequest, context: grpc.ServicerContext) -> pb.RunInfo:
+        try:
+            return run_info(self._agg.run_view(request.run_id))
+        except ServiceError as exc:
+            _abort(context, exc)
+
+    # -- pushes ------------------------------------------------------------------------------
+
+    def PushRound1(
+        self, request_iterator: Iterable[pb.ShardChunk], context: grpc.ServicerContext
+    ) -> pb.PushReply:
+        return self._push(request_iterator, context, pb.ROUND_1)
+
+    def PushRound2(
+        self, request_iterator: Iterable[pb.ShardChunk], context: grpc.ServicerContext
+    ) -> pb.PushReply:
+        return self._push(request_iterator, context, pb.ROUND_2)
+
+    def _push(
+        self, request_iterator: Iterable[pb.ShardChunk], context: grpc.ServicerContext, round_: int
+    ) -> pb.PushReply:
+        try:
+            result = self._agg.push(self._read_push(request_iterator, round_))
+        except ServiceError as exc:
+            self._metrics.shard_rejected(exc.reason)
+            _abort(context, exc)
+        return _push_reply(result)
+
+    def _read_push(self, request_iterator: Iterable[pb.ShardChunk], round_: int) -> ShardPush:
+        messages = iter(request_iterator)
+        first = next(messages, None)
+        if first is None:
+            raise TruncatedStream("push stream is empty: expected a ShardHeader first")
+        if first.WhichOneof("body") != "header":
+            raise InvalidArgument("the first message of a push must carry the ShardHeader")
+        header = first.header
+        if header.round != round_:
+            raise InvalidArgument(
+                f"header round={pb.Round.Name(header.round)} but this RPC is "
+                f"PushRound{round_} (round={pb.Round.Name(round_)})"
+            )
+        tally = header.train_tally if header.HasField("train_tally") else None
+        push = ShardPush(
+            run_id=header.run_id,
+            step=header.step,
+            rank=header.rank,
+            round=round_,
+            num_classes=header.num_classes,
+            feature_dim=header.feature_dim,
+            epoch=header.epoch if header.HasField("epoch") else None,
+            scalars=dict(header.scalars),
+            train_tally=None
+            if tally is None
+            else (tally.loss_sum, tally.num_correct, tally.num_samples),
+            arrays={},
+            payload_sha256="",
+            payload_bytes=0,
+        )
+        run = self._agg.check_header(push)
+        assembler = wire.ArrayAssembler(max_total_bytes=self._payload_limit(run, round_))
+        try:
+            for message in messages:
+                if message.WhichOneof("body") != "chunk":
+                    raise InvalidArgument("a push carries one ShardHeader, in its first message")
+                assembler.feed(message.chunk)
+            arrays = assembler.arrays()
+        except wire.WireError as exc:
+            if exc.reason == "truncated":
+                raise TruncatedStream(f"push of rank {header.rank}: {exc}") from exc
+            if exc.reason == "resource_exhausted":
+                raise ResourceExhausted(f"push of rank {header.rank}: {exc}") from exc
+            raise InvalidArgument(f"push of rank {header.rank}: {exc}") from exc
+        return ShardPush(
+            run_id=push.run_id,
+            step=push.step,
+            rank=push.rank,
+            round=round_,
+            num_classes=push.num_classes,
+            feature_dim=push.feature_dim,
+            epoch=push.epoch,
+            scalars=push.scalars,
+            train_tally=push.train_tally,
+            arrays=arrays,
+            payload_sha256=assembler.sha256_hex,
+            payload_bytes=assembler.payload_bytes,
+        )
+
+    def _payload_limit(self, run: RunRecord, round_: int) -> int:
+        # Slack over the exact size lets a wrongly shaped tensor through to the validation
+        # that names it; only absurd declarations are refused outright.
+        expected = self._agg.expected_payload_bytes(run, round_)
+        return min(2 * expected + wire.MAX_PIECE_BYTES, self._max_shard_bytes)
+
+    # -- class means -------------------------------------------------------------------------
+
+    def FetchClassMeans(
+        self, request: pb.ClassMeansRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.TensorChunk]:
+        remaining = context.time_remaining()
+        wait_s = self._agg.limits.step_deadline_s if remaining is None else max(remaining, 0.0)
+        try:
+            means = self._agg.class_means(
+                request.run_id, request.step, request.rank, wait_s, context.is_active
+            )
+        except ServiceError as exc:
+            _abort(context, exc)
+        yield from self._encoded_means(request.run_id, request.step, means)
+
+    def _encoded_means(self, run_id: str, step: int, means: ClassMeans) -> list[pb.TensorChunk]:
+        key = (run_id, step)
+        with self._means_lock:
+            cached = self._means_cache.get(key)
+            if cached is not None and cached[0] is means:
+                self._means_cache.move_to_end(key)
+                return cached[1]
+        chunks = list(wire.encode_arrays(means.to_arrays()))
+        with self._means_lock:
+            self._means_cache[key] = (means, chunks)
+            while len(self._means_cache) > _MEANS_CACHE_ENTRIES:
+                self._means_cache.popitem(last=False)
+        return chunks
+
+    # -- scalars and queries -----------------------------------------------------------------
+
+    def RecordScalars(
+        self, request: pb.RecordScalarsRequest, context: grpc.ServicerContext
+    ) -> pb.RecordScalarsReply:
+        try:
+            count = self._agg.record_scalars(
+                request.run_id,
+                request.step,
+                request.epoch if request.HasField("epoch") else None,
+                dict(request.values),
+            )
+        except ServiceError as exc:
+            _abort(context, exc)
+        return pb.RecordScalarsReply(num_values=count)
+
+    def GetMetrics(
+        self, request: pb.GetMetricsRequest, context: grpc.ServicerContext
+    ) -> pb.GetMetricsReply:
+        which = request.WhichOneof("selection")
+        try:
+            if which == "step":
+                records = self._agg.measurements(
+                    request.run_id, step=request.step, include_incomplete=request.include_incomplete
+                )
+            elif which == "range":
+                rng = request.range
+                records = self._agg.measurements(
+                    request.run_id,
+                    first=rng.first if rng.HasField("first") else None,
+                    last=rng.last if rng.HasField("last") else None,
+                    include_incomplete=request.include_incomplete,
+                )
+            else:
+                records = self._agg.measurements(request.run_id, latest=True)
+        except ServiceError as exc:
+            _abort(context, exc)
+        return pb.GetMetricsReply(measurements=[measurement(r) for r in records])
+
+    def GetScalars(
+        self, request: pb.GetScalarsRequest, context: grpc.ServicerContext
+    ) -> pb.GetScalarsReply:
+        rng = request.range
+        try:
+            records = self._agg.scalars(
+                request.run_id,
+                rng.first if rng.HasField("first") else None,
+                rng.last if rng.HasField("last") else None,
+                list(request.keys),
+            )
+        except ServiceError as exc:
+            _abort(context, exc)
+        out = pb.GetScalarsReply()
+        for record in records:
+            item = out.records.add(step=record.step, values=record.values)
+            if record.epoch is not None:
+                item.epoch = record.epoch
+        return out
+
+    def WatchMetrics(
+        self, request: pb.WatchMetricsRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.Measurement]:
+        include = request.include_incomplete
+        after = request.after_step if request.HasField("after_step") else None
+        try:
+            backlog, last_id = self._agg.watch_backlog(request.run_id, after, include)
+        except ServiceError as exc:
+            _abort(context, exc)
+        for record in backlog:
+            yield measurement(record)
+        while context.is_active() and not self._agg.shutting_down:
+            # Read the event counter before querying, so a change in between is not missed.
+            seq = self._agg.event_seq
+            for record in self._agg.measurements_after(request.run_id, last_id, include):
+                last_id = max(last_id, record.id)
+                yield measurement(record)
+            self._agg.wait_for_change(seq, 1.0)

@@ -1,0 +1,610 @@
+"""Durable state of the service: SQLite in WAL mode, versioned schema.
+
+What is stored, and why it is enough to survive ``kill -9`` at any moment:
+
+- ``runs``: every registered run with its metadata.
+- ``measurements``: one row per (run, step) that is finalized or marked
+  incomplete, never two (``UNIQUE``); ``incomplete_steps`` is a view of the latter.
+- ``scalars``: the per-step scalar series of RecordScalars.
+- ``shards``: one row per accepted (run, step, rank, round) with the digest of its
+  payload, so a retry is recognised (and answered the same) even after a restart.
+- ``open_steps`` + ``step_tensors``: the merged in-progress state of every open
+  step (round-1 sums, W and b, round-2 sums, tallies). Each accepted shard updates
+  them and adds its ``shards`` row in one transaction, so after a crash the
+  stored merge covers exactly the shards whose pushes were acknowledged; the
+  others are retried by their clients.
+
+Durability: WAL with ``synchronous=NORMAL``, so a commit survives the process
+being killed (it is in the WAL, which the OS holds); a power loss may lose the
+last commits but never corrupts the file.
+
+Write errors map to service errors: a full disk is RESOURCE_EXHAUSTED, a
+read-only or failing database UNAVAILABLE. Reads use their own connections, so
+queries keep working when writes cannot.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ncserve.service.errors import ResourceExhausted, ServiceError, Unavailable
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    description: str
+    sql: str
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        1,
+        "runs, measurements, scalars, shards, open-step state",
+        """
+        CREATE TABLE schema_migrations (
+            version INTEGER PRIMARY KEY,
+            description TEXT NOT NULL,
+            applied_unix REAL NOT NULL
+        );
+        CREATE TABLE runs (
+            run_id TEXT PRIMARY KEY,
+            num_classes INTEGER NOT NULL CHECK (num_classes >= 2),
+            feature_dim INTEGER NOT NULL CHECK (feature_dim >= 1),
+            world_size INTEGER NOT NULL CHECK (world_size >= 1),
+            metadata_json TEXT NOT NULL,
+            created_unix REAL NOT NULL
+        );
+        CREATE TABLE measurements (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            run_id TEXT NOT NULL REFERENCES runs(run_id),
+            step INTEGER NOT NULL,
+            epoch INTEGER,
+            status TEXT NOT NULL CHECK (status IN ('complete', 'incomplete')),
+            metrics_json TEXT,
+            scalars_json TEXT NOT NULL DEFAULT '{}',
+            reason TEXT NOT NULL DEFAULT '',
+            finalized_unix REAL NOT NULL,
+            UNIQUE (run_id, step)
+        );
+        CREATE VIEW incomplete_steps AS
+            SELECT run_id, step, epoch, reason, finalized_unix
+            FROM measurements WHERE status = 'incomplete';
+        CREATE TABLE scalars (
+            run_id TEXT NOT NULL REFERENCES runs(run_id),
+            step INTEGER NOT NULL,
+            key TEXT NOT NULL,
+            value REAL NOT NULL,
+            epoch INTEGER,
+            recorded_unix REAL NOT NULL,
+            PRIMARY KEY (run_id, step, key)
+        );
+        CREATE TABLE shards (
+            run_id TEXT NOT NULL REFERENCES runs(run_id),
+            step INTEGER NOT NULL,
+            rank INTEGER NOT NULL,
+            round INTEGER NOT NULL CHECK (round IN (1, 2)),
+            payload_sha256 TEXT NOT NULL,
+            payload_bytes INTEGER NOT NULL,
+            num_samples INTEGER NOT NULL,
+            received_unix REAL NOT NULL,
+            PRIMARY KEY (run_id, step, rank, round)
+        );
+        CREATE TABLE open_steps (
+            run_id TEXT NOT NULL REFERENCES runs(run_id),
+            step INTEGER NOT NULL,
+            epoch INTEGER,
+            state_json TEXT NOT NULL,
+            opened_unix REAL NOT NULL,
+            PRIMARY KEY (run_id, step)
+        );
+        CREATE TABLE step_tensors (
+            run_id TEXT NOT NULL,
+            step INTEGER NOT NULL,
+            name TEXT NOT NULL,
+            dtype TEXT NOT NULL,
+            shape_json TEXT NOT NULL,
+            data BLOB NOT NULL,
+            PRIMARY KEY (run_id, step, name),
+            FOREIGN KEY (run_id, step) REFERENCES open_steps(run_id, step)
+        );
+        """,
+    ),
+)
+assert MIGRATIONS[-1].version == SCHEMA_VERSION
+
+
+class StoreError(Exception):
+    """The database cannot be opened or migrated (a startup problem, not a request's)."""
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    run_id: str
+    num_classes: int
+    feature_dim: int
+    world_size: int
+    metadata: dict[str, str]
+    created_unix: float
+
+
+@dataclass(frozen=True)
+class RunCounts:
+    num_measurements: int
+    num_incomplete: int
+    latest_step: int | None
+
+
+@dataclass(frozen=True)
+class ShardRecord:
+    run_id: str
+    step: int
+    rank: int
+    round: int
+    payload_sha256: str
+    payload_bytes: int
+    num_samples: int
+
+
+@dataclass(frozen=True)
+class MeasurementRecord:
+    id: int
+    run_id: str
+    step: int
+    epoch: int | None
+    status: str  # "complete" | "incomplete"
+    metrics: dict[str, float] | None
+    scalars: dict[str, float]
+    reason: str
+    finalized_unix: float
+
+
+@dataclass
+class OpenStepRecord:
+    run_id: str
+    step: int
+    epoch: int | None
+    state: dict[str, Any]
+    tensors: dict[str, np.ndarray] = field(default_factory=dict)
+    shards: list[ShardRecord] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ScalarRecord:
+    step: int
+    epoch: int | None
+    values: dict[str, float]
+
+
+def _map_write_error(exc: sqlite3.Error, what: str) -> ServiceError:
+    code = getattr(exc, "sqlite_errorcode", None)
+    primary = code & 0xFF if isinstance(code, int) else None
+    text = str(exc)
+    if primary == sqlite3.SQLITE_FULL or "full" in text:
+        return ResourceExhausted(f"store is full, could not {what}: {text}")
+    if primary == sqlite3.SQLITE_READONLY or "readonly" in text:
+        return Unavailable(f"store is read-only, could not {what}: {text}")
+    return Unavailable(f"store could not {what}: {text}")
+
+
+def _json_dumps(value: Any) -> str:
+    # NaN is a legitimate metric value (e.g. an undefined ratio); Python's JSON keeps it.
+    return json.dumps(value, sort_keys=True, allow_nan=True)
+
+
+class Store:
+    """SQLite store: one writer connection behind a lock, pooled reader connections."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self._write_lock = threading.Lock()
+        self._readers: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
+        self._all_connections: list[sqlite3.Connection] = []
+        self._connections_lock = threading.Lock()
+        self._closed = False
+        try:
+            self._writer = self._connect()
+            self._writer.execute("PRAGMA journal_mode = WAL")
+            self._migrate()
+        except sqlite3.Error as exc:
+            self.close()
+            raise StoreError(f"cannot open database {self.path}: {exc}") from exc
+
+    # -- connections -------------------------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE ... COMMIT).
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+        conn.execute("PRAGMA synchronous = NORMAL")
+        conn.execute("PRAGMA foreign_keys = ON")
+        with self._connections_lock:
+            self._all_connections.append(conn)
+        return conn
+
+    @contextlib.contextmanager
+    def _reader(self) -> Iterator[sqlite3.Connection]:
+        try:
+            conn = self._readers.get_nowait()
+        except queue.Empty:
+            conn = self._connect()
+        try:
+            yield conn
+        finally:
+            self._readers.put(conn)
+
+    @contextlib.contextmanager
+    def _transaction(self, what: str) -> Iterator[sqlite3.Connection]:
+        """One write transaction; any SQLite failure rolls it back and becomes a ServiceError."""
+        with self._write_lock:
+            if self._closed:
+                raise Unavailable(f"store is closed, could not {what}")
+            conn = self._writer
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                yield conn
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+                raise _map_write_error(exc, what) from exc
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+                raise
+
+    def _migrate(self) -> None:
+        conn = self._writer
+        current = conn.execute("PRAGMA user_version").fetchone()[0]
+        if current > SCHEMA_VERSION:
+            raise StoreError(
+                f"database {self.path} has schema version {current}, newer than this ncserve "
+                f"understands ({SCHEMA_VERSION}); upgrade ncserve"
+            )
+        for migration in MIGRATIONS:
+            if migration.version <= current:
+                continue
+            # executescript runs the whole migration, its bookkeeping and the version bump
+            # as one transaction: a crash mid-migration leaves the previous version intact.
+            conn.executescript(
+                "BEGIN IMMEDIATE;\n"
+                + migration.sql
+                + "\nINSERT INTO schema_migrations (version, description, applied_unix) "
+                + f"VALUES ({migration.version}, '{migration.description}', {time.time()!r});\n"
+                + f"PRAGMA user_version = {migration.version};\nCOMMIT;"
+            )
+
+    def close(self) -> None:
+        with self._write_lock:
+            self._closed = True
+            with self._connections_lock:
+                for conn in self._all_connections:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.close()
+                self._all_connections.clear()
+
+    def schema_version(self) -> int:
+        with self._reader() as conn:
+            return int(conn.execute("PRAGMA user_version").fetchone()[0])
+
+    def integrity_check(self) -> str:
+        with self._reader() as conn:
+            return str(conn.execute("PRAGMA integrity_check").fetchone()[0])
+
+    # -- runs --------------------------------------------------------------------------------
+
+    def insert_run(self, run: RunRecord) -> None:
+        with self._transaction(f"register run {run.run_id!r}") as conn:
+            conn.execute(
+                "INSERT INTO runs (run_id, num_classes, feature_dim, world_size, metadata_json,"
+                " created_unix) VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    run.run_id,
+                    run.num_classes,
+                    run.feature_dim,
+                    run.world_size,
+                    _json_dumps(run.metadata),
+                    run.created_unix,
+                ),
+            )
+
+    def update_run_metadata(self, run_id: str, metadata: Mapping[str, str]) -> None:
+        with self._transaction(f"update metadata of run {run_id!r}") as conn:
+            conn.execute(
+                "UPDATE runs SET metadata_json = ? WHERE run_id = ?",
+                (_json_dumps(dict(metadata)), run_id),
+            )
+
+    def runs(self) -> list[RunRecord]:
+        with self._reader() as conn:
+            rows = conn.execute(
+                "SELECT run_id, num_classes, feature_dim, world_size, metadata_json, created_unix"
+                " FROM runs ORDER BY created_unix, run_id"
+            ).fetchall()
+        return [RunRecord(r[0], r[1], r[2], r[3], json.loads(r[4]), r[5]) for r in rows]
+
+    def run_counts(self, run_id: str) -> RunCounts:
+        with self._reader() as conn:
+            row = conn.execute(
+                "SELECT SUM(status = 'complete'), SUM(status = 'incomplete'),"
+                " MAX(CASE WHEN status = 'complete' THEN step END)"
+                " FROM measurements WHERE run_id = ?",
+                (run_id,),
+            ).fetchone()
+        return RunCounts(int(row[0] or 0), int(row[1] or 0), row[2])
+
+    # -- shards and open steps ---------------------------------------------------------------
+
+    def accept_shard(
+        self,
+        shard: ShardRecord,
+        epoch: int | None,
+        state: Mapping[str, Any],
+        tensors: Mapping[str, np.ndarray],
+        opened_unix: float,
+    ) -> None:
+        """Record an accepted shard and the step's new merged state, atomically."""
+        what = f"store round-{shard.round} shard of rank {shard.rank} for step {shard.step}"
+        with self._transaction(what) as conn:
+            conn.execute(
+                "INSERT INTO open_steps (run_id, step, epoch, state_json, opened_unix)"
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (run_id, step) DO UPDATE SET"
+                " epoch = excluded.epoch, state_json = excluded.state_json",
+                (shard.run_id, shard.step, epoch, _json_dumps(dict(state)), opened_unix),
+            )
+            conn.executemany(
+                "INSERT OR REPLACE INTO step_tensors (run_id, step, name, dtype, shape_json, data)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        shard.run_id,
+                        shard.step,
+                        name,
+                        array.dtype.str,
+                        json.dumps(list(array.shape)),
+                        # A buffer view: sqlite3 copies it once, no intermediate bytes object.
+                        memoryview(np.ascontiguousarray(array)).cast("B"),
+                    )
+                    for name, array in tensors.items()
+                ],
+            )
+            self._insert_shard(conn, shard)
+
+    @staticmethod
+    def _insert_shard(conn: sqlite3.Connection, shard: ShardRecord) -> None:
+        conn.execute(
+            "INSERT INTO shards (run_id, step, rank, round, payload_sha256, payload_bytes,"
+            " num_samples, received_unix) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                shard.run_id,
+                shard.step,
+                shard.rank,
+                shard.round,
+                shard.payload_sha256,
+                shard.payload_bytes,
+                shard.num_samples,
+                time.time(),
+            ),
+        )
+
+    @staticmethod
+    def _close_step(conn: sqlite3.Connection, run_id: str, step: int) -> None:
+        conn.execute("DELETE FROM step_tensors WHERE run_id = ? AND step = ?", (run_id, step))
+        conn.execute("DELETE FROM open_steps WHERE run_id = ? AND step = ?", (run_id, step))
+
+    def finalize_step(
+        self,
+        run_id: str,
+        step: int,
+        epoch: int | None,
+        metrics: Mapping[str, float],
+        scalars: Mapping[str, float],
+        last_shard: ShardRecord,
+    ) -> MeasurementRecord:
+        """Store the measurement with the shard that completed it; drop the open state."""
+        now = time.time()
+        with self._transaction(f"finalize step {step} of run {run_id!r}") as conn:
+            cursor = conn.execute(
+                "INSERT INTO measurements (run_id, step, epoch, status, metrics_json,"
+                " scalars_json, finalized_unix) VALUES (?, ?, ?, 'complete', ?, ?, ?)",
+                (run_id, step, epoch, _json_dumps(dict(metrics)), _json_dumps(dict(scalars)), now),
+            )
+            row_id = int(cursor.lastrowid or 0)
+            self._insert_shard(conn, last_shard)
+            self._close_step(conn, run_id, step)
+        return MeasurementRecord(
+            row_id, run_id, step, epoch, "complete", dict(metrics), dict(scalars), "", now
+        )
+
+    def mark_incomplete(
+        self, run_id: str, step: int, epoch: int | None, reason: str
+    ) -> MeasurementRecord:
+        now = time.time()
+        with self._transaction(f"mark step {step} of run {run_id!r} incomplete") as conn:
+            cursor = conn.execute(
+                "INSERT INTO measurements (run_id, step, epoch, status, reason, finalized_unix)"
+                " VALUES (?, ?, ?, 'incomplete', ?, ?)",
+                (run_id, step, epoch, reason, now),
+            )
+            row_id = int(cursor.lastrowid or 0)
+            self._close_step(conn, run_id, step)
+        return MeasurementRecord(row_id, run_id, step, epoch, "incomplete", None, {}, reason, now)
+
+    def shard(self, run_id: str, step: int, rank: int, round_: int) -> ShardRecord | None:
+        with self._reader() as conn:
+            row = conn.execute(
+                "SELECT payload_sha256, payload_bytes, num_samples FROM shards"
+                " WHERE run_id = ? AND step = ? AND rank = ? AND round = ?",
+                (run_id, step, rank, round_),
+            ).fetchone()
+        if row is None:
+            return None
+        return ShardRecord(run_id, step, rank, round_, row[0], row[1], row[2])
+
+    def open_steps(self) -> list[OpenStepRecord]:
+        """Every open step with its merged tensors and accepted shards (for restart)."""
+        with self._reader() as conn:
+            steps = {
+                (r[0], r[1]): OpenStepRecord(r[0], r[1], r[2], json.loads(r[3]))
+                for r in conn.execute(
+                    "SELECT run_id, step, epoch, state_json FROM open_steps ORDER BY run_id, step"
+                )
+            }
+            for run_id, step, name, dtype, shape_json, data in conn.execute(
+                "SELECT run_id, step, name, dtype, shape_json, data FROM step_tensors"
+            ):
+                array = np.frombuffer(data, dtype=np.dtype(dtype)).reshape(json.loads(shape_json))
+                steps[(run_id, step)].tensors[name] = array.copy()
+            for row in conn.execute(
+                "SELECT s.run_id, s.step, s.rank, s.round, s.payload_sha256, s.payload_bytes,"
+                " s.num_samples FROM shards s JOIN open_steps o"
+                " ON s.run_id = o.run_id AND s.step = o.step ORDER BY s.received_unix"
+            ):
+                steps[(row[0], row[1])].shards.append(ShardRecord(*row))
+        return list(steps.values())
+
+    # -- measurements ------------------------------------------------------------------------
+
+    _MEASUREMENT_COLUMNS = (
+        "id, run_id, step, epoch, status, metrics_json, scalars_json, reason, finalized_unix"
+    )
+
+    @staticmethod
+    def _measurement(row: Sequence[Any]) -> MeasurementRecord:
+        return MeasurementRecord(
+            id=row[0],
+            run_id=row[1],
+            step=row[2],
+            epoch=row[3],
+            status=row[4],
+            metrics=None if row[5] is None else json.loads(row[5]),
+            scalars=json.loads(row[6]),
+            reason=row[7],
+            finalized_unix=row[8],
+        )
+
+    def step_status(self, run_id: str, step: int) -> MeasurementRecord | None:
+        with self._reader() as conn:
+            row = conn.execute(
+                f"SELECT {self._MEASUREMENT_COLUMNS} FROM measurements"
+                " WHERE run_id = ? AND step = ?",
+                (run_id, step),
+            ).fetchone()
+        return None if row is None else self._measurement(row)
+
+    def measurements(
+        self,
+        run_id: str,
+        first: int | None = None,
+        last: int | None = None,
+        include_incomplete: bool = False,
+        after_id: int | None = None,
+        max_id: int | None = None,
+        order_by: str = "step",
+    ) -> list[MeasurementRecord]:
+        clauses = ["run_id = ?"]
+        params: list[Any] = [run_id]
+        for clause, value in (
+            ("step >= ?", first),
+            ("step <= ?", last),
+            ("id > ?", after_id),
+            ("id <= ?", max_id),
+        ):
+            if value is not None:
+                clauses.append(clause)
+                params.append(value)
+        if not include_incomplete:
+            clauses.append("status = 'complete'")
+        order = "step" if order_by == "step" else "id"
+        with self._reader() as conn:
+            rows = conn.execute(
+                f"SELECT {self._MEASUREMENT_COLUMNS} FROM measurements"
+                f" WHERE {' AND '.join(clauses)} ORDER BY {order}",
+                params,
+            ).fetchall()
+        return [self._measurement(r) for r in rows]
+
+    def latest_measurement(self, run_id: str) -> MeasurementRecord | None:
+        with self._reader() as conn:
+            row = conn.execute(
+                f"SELECT {self._MEASUREMENT_COLUMNS} FROM measurements"
+                " WHERE run_id = ? AND status = 'complete' ORDER BY step DESC LIMIT 1",
+                (run_id,),
+            ).fetchone()
+        return None if row is None else self._measurement(row)
+
+    def max_measurement_id(self) -> int:
+        with self._reader() as conn:
+            row = conn.execute("SELECT MAX(id) FROM measurements").fetchone()
+        return int(row[0] or 0)
+
+    # -- scalars -----------------------------------------------------------------------------
+
+    def record_scalars(
+        self, run_id: str, step: int, epoch: int | None, values: Mapping[str, float]
+    ) -> None:
+        now = time.time()
+        with self._transaction(f"record scalars of step {step} of run {run_id!r}") as conn:
+            conn.executemany(
+                "INSERT OR REPLACE INTO scalars (run_id, step, key, value, epoch, recorded_unix)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                [(run_id, step, key, float(v), epoch, now) for key, v in values.items()],
+            )
+
+    def scalars(
+        self,
+        run_id: str,
+        first: int | None = None,
+        last: int | None = None,
+        keys: Iterable[str] = (),
+    ) -> list[ScalarRecord]:
+        clauses = ["run_id = ?"]
+        params: list[Any] = [run_id]
+        if first is not None:
+            clauses.append("step >= ?")
+            params.append(first)
+        if last is not None:
+            clauses.append("step <= ?")
+            params.append(last)
+        wanted = list(keys)
+        if wanted:
+            clauses.append(f"key IN ({', '.join('?' * len(wanted))})")
+            params.extend(wanted)
+        with self._reader() as conn:
+            rows = conn.execute(
+                f"SELECT step, epoch, key, value FROM scalars WHERE {' AND '.join(clauses)}"
+                " ORDER BY step, key",
+                params,
+            ).fetchall()
+        records: dict[int, ScalarRecord] = {}
+        for step, epoch, key, value in rows:
+            record = records.setdefault(step, ScalarRecord(step, epoch, {}))
+            record.values[key] = value
+        return list(records.values())
+
+    def latest_scalars(self, run_id: str, keys: Iterable[str]) -> dict[str, tuple[int, float]]:
+        """For each key, the (step, value) of its latest record (to restore exported gauges)."""
+        wanted = list(keys)
+        if not wanted:
+            return {}
+        with self._reader() as conn:
+            rows = conn.execute(
+                "SELECT key, step, value FROM scalars s WHERE run_id = ? AND key IN"
+                f" ({', '.join('?' * len(wanted))}) AND step = (SELECT MAX(step) FROM scalars"
+                " WHERE run_id = s.run_id AND key = s.key)",
+                [run_id, *wanted],
+            ).fetchall()
+        return {key: (step, value) for key, step, value in rows if math.isfinite(value)}
