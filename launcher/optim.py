@@ -50,13 +50,15 @@ def _check_range(field: str, value: float, low: float, high: float, *, high_open
         raise ValueError(f"{field} must be in [{low}, {high}{bracket}, got {value!r}")
 
 
-def _params_with_grad(group: dict[str, Any]) -> Iterator[torch.Tensor]:
+def _params_with_grad(group: dict[str, Any]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(parameter, gradient) for each parameter of the group that has a gradient."""
     for param in group["params"]:
-        if param.grad is None:
+        grad = param.grad
+        if grad is None:
             continue
-        if param.grad.is_sparse:
+        if grad.is_sparse:
             raise RuntimeError("sparse gradients are not supported by this optimizer")
-        yield param
+        yield param, grad
 
 
 class SGDW(torch.optim.Optimizer):
@@ -80,8 +82,7 @@ class SGDW(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             lr, beta, wd = group["lr"], group["momentum"], group["weight_decay"]
-            for param in _params_with_grad(group):
-                grad = param.grad
+            for param, grad in _params_with_grad(group):
                 if beta != 0:
                     state = self.state[param]
                     if "momentum_buffer" not in state:
@@ -131,8 +132,7 @@ class Signum(torch.optim.Optimizer):
         for group in self.param_groups:
             lr, beta, wd = group["lr"], group["momentum"], group["weight_decay"]
             decoupled = group["decoupled"]
-            for param in _params_with_grad(group):
-                direction = param.grad
+            for param, direction in _params_with_grad(group):
                 if wd != 0 and not decoupled:
                     direction = direction.add(param, alpha=wd)
                 if beta != 0:
@@ -177,8 +177,7 @@ class Lion(torch.optim.Optimizer):
         for group in self.param_groups:
             lr, wd = group["lr"], group["weight_decay"]
             beta1, beta2 = group["betas"]
-            for param in _params_with_grad(group):
-                grad = param.grad
+            for param, grad in _params_with_grad(group):
                 state = self.state[param]
                 if "exp_avg" not in state:
                     state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
@@ -231,8 +230,7 @@ class AdamCoupledDecoupled(torch.optim.Optimizer):
             fraction = group["coupled_fraction"]
             coupled_wd = wd * fraction
             decoupled_wd = wd * (1 - fraction)
-            for param in _params_with_grad(group):
-                grad = param.grad
+            for param, grad in _params_with_grad(group):
                 state = self.state[param]
                 if not state:
                     state["step"] = 0

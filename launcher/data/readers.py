@@ -37,7 +37,7 @@ class RawSplit:
 # --- IDX (MNIST, FashionMNIST) -------------------------------------------------------
 
 # Third byte of an IDX magic number -> element type (big-endian, as the format specifies).
-_IDX_TYPES = {
+_IDX_TYPES: dict[int, np.dtype[Any]] = {
     0x08: np.dtype(np.uint8),
     0x09: np.dtype(np.int8),
     0x0B: np.dtype(">i2"),

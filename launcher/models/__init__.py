@@ -16,6 +16,7 @@ Supported input shapes (per sample, without the batch axis):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 from torch import nn
 
@@ -26,7 +27,7 @@ from launcher.models.vit import ViT
 
 MODEL_NAMES: tuple[str, ...] = ("mlp", "resnet9", "vgg9", "resnet18", "resnet50", "vit")
 
-_BUILDERS = {
+_BUILDERS: dict[str, Callable[[tuple[int, ...], int, float], nn.Module]] = {
     "mlp": MLP,
     "resnet9": ResNet9,
     "vgg9": VGG9,

@@ -20,8 +20,17 @@ def channels_first(input_shape: tuple[int, ...]) -> tuple[int, tuple[int, ...], 
     return input_shape[0], input_shape[1:], nn.Identity()
 
 
-def conv(rank: int, in_channels: int, out_channels: int, **kwargs: int | bool) -> nn.Module:
-    return (nn.Conv1d if rank == 1 else nn.Conv2d)(in_channels, out_channels, **kwargs)
+def conv(
+    rank: int,
+    in_channels: int,
+    out_channels: int,
+    kernel_size: int,
+    stride: int = 1,
+    padding: int = 0,
+    bias: bool = True,
+) -> nn.Module:
+    layer = nn.Conv1d if rank == 1 else nn.Conv2d
+    return layer(in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=bias)
 
 
 def batch_norm(rank: int, channels: int) -> nn.Module:
