@@ -72,9 +72,7 @@ def header(
     )
 
 
-def push_messages(
-    hdr: pb.ShardHeader, arrays: Mapping[str, np.ndarray]
-) -> Iterator[pb.ShardChunk]:
+def push_messages(hdr: pb.ShardHeader, arrays: Mapping[str, np.ndarray]) -> Iterator[pb.ShardChunk]:
     yield pb.ShardChunk(header=hdr)
     for chunk in wire.encode_arrays(arrays):
         yield pb.ShardChunk(chunk=chunk)
@@ -288,3 +286,60 @@ def make_pki() -> Pki:
         other_client_cert=other_cert,
         other_client_key=other_key,
     )
+
+
+# -- in-process servers ---------------------------------------------------------------------
+
+
+def start_test_server(db_path: Path, **overrides):  # -> ServerHandle
+    """A server on an OS-picked loopback port with small limits, for one test."""
+    from ncserve.service import ServerConfig, start_server
+
+    settings = {
+        "listen": "127.0.0.1:0",
+        "metrics_port": 0,
+        "db_path": db_path,
+        "max_workers": 48,
+        "grace_s": 0.5,
+        **overrides,
+    }
+    return start_server(ServerConfig(**settings))
+
+
+def insecure_stub(port: int) -> tuple[grpc.Channel, pb_grpc.NCServiceStub]:
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    return channel, pb_grpc.NCServiceStub(channel)
+
+
+def table_digest(db_path: Path) -> str:
+    """Digest of every row of every table: equal digests mean nothing stored changed."""
+    import hashlib
+    import sqlite3
+
+    conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    try:
+        digest = hashlib.sha256()
+        tables = [
+            r[0]
+            for r in conn.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name"
+            )
+        ]
+        for table in tables:
+            digest.update(table.encode())
+            for row in sorted(repr(r) for r in conn.execute(f"SELECT * FROM {table}")):
+                digest.update(row.encode())
+        return digest.hexdigest()
+    finally:
+        conn.close()
+
+
+def metrics_dict(message: pb.NCMetrics) -> dict[str, float]:
+    return {f.name: getattr(message, f.name) for f in message.DESCRIPTOR.fields}
+
+
+def assert_metrics_close(message: pb.NCMetrics, reference: Mapping[str, float], rel: float) -> None:
+    got = metrics_dict(message)
+    for key, want in reference.items():
+        tolerance = rel * max(1.0, abs(want))
+        assert abs(got[key] - want) <= tolerance, f"{key}: service {got[key]} vs reference {want}"

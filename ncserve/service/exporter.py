@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import math
+import socket
 import threading
 from collections.abc import Mapping
-from wsgiref.simple_server import WSGIServer
+from socketserver import ThreadingMixIn
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 
 from ncserve.service.store import MeasurementRecord, RunRecord
 
@@ -248,9 +250,32 @@ def _remove(gauge: Gauge, labels: tuple[str, ...]) -> None:
         gauge.remove(*labels)
 
 
+class _ExporterServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        """Scrapes are too frequent to log."""
+
+
 def start_exporter(
     registry: CollectorRegistry, host: str, port: int
 ) -> tuple[WSGIServer, threading.Thread]:
     """Serve ``/metrics`` from ``registry`` on host:port (0 = OS-picked) in a daemon thread."""
-    server, thread = start_http_server(port, addr=host, registry=registry)
-    return server, thread
+
+    class Server(_ExporterServer):
+        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+    httpd = make_server(
+        host.strip("[]"), port, make_wsgi_app(registry), Server, handler_class=_QuietHandler
+    )
+    # A short poll interval so shutdown() (on server stop) returns promptly.
+    thread = threading.Thread(
+        target=httpd.serve_forever,
+        kwargs={"poll_interval": 0.05},
+        name="ncserve-exporter",
+        daemon=True,
+    )
+    thread.start()
+    return httpd, thread
