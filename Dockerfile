@@ -62,4 +62,5 @@ VOLUME ["/var/lib/ncserve"]
 HEALTHCHECK --interval=30s --timeout=10s --start-period=30s --retries=3 \
     CMD ["ncserve-healthcheck", "--target", "127.0.0.1:50051", "--timeout", "5"]
 ENTRYPOINT ["ncserve"]
-CMD ["serve", "--listen", "0.0.0.0:50051", "--metrics-port", "9464", "--db", "/var/lib/ncserve/ncserve.db"]
+CMD ["serve", "--listen", "0.0.0.0:50051", "--metrics-port", "9464", "--metrics-host", "0.0.0.0", \
+     "--db", "/var/lib/ncserve/ncserve.db"]
