@@ -337,7 +337,7 @@ def service_panels() -> list[timeseries.Panel]:
                     )
                 ],
                 log_scale=False,
-                width=8,
+                width=6,
                 min_value=0,
             )
         ),
@@ -353,21 +353,31 @@ def service_panels() -> list[timeseries.Panel]:
                 ],
                 unit="reqps",
                 log_scale=False,
-                width=8,
+                width=6,
                 min_value=0,
             )
         ),
         (
             series_panel(
-                "Load",
-                "Open (not yet finalized) steps, runs held, and bytes received per second.",
+                "Open steps and runs",
+                "Steps with shards in flight (not yet finalized) and runs held by the service.",
                 [
                     prom("sum(ncserve_open_steps)", "open steps"),
                     prom("sum(ncserve_runs)", "runs"),
-                    prom("sum(rate(ncserve_received_bytes_total[$__rate_interval]))", "bytes/s"),
                 ],
                 log_scale=False,
-                width=8,
+                width=6,
+                min_value=0,
+            )
+        ),
+        (
+            series_panel(
+                "Bytes received per second",
+                "Tensor bytes of accepted shards.",
+                [prom("sum(rate(ncserve_received_bytes_total[$__rate_interval]))", "received")],
+                unit="Bps",
+                log_scale=False,
+                width=6,
                 min_value=0,
             )
         ),

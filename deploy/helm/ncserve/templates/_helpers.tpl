@@ -153,7 +153,8 @@ Secret volumes and mounts shared by the service, the trainer and the test pod.
 
 {{/*
 gRPC health check command for exec probes and the helm test pod. Kubernetes' native
-grpc probes speak plaintext only, so with TLS the probe runs this script in the pod.
+grpc probes speak plaintext only, so with TLS the probe runs this script in the pod
+(3 s per call, inside the probes' 5 s timeout with the interpreter's start-up).
 Argument: a dict with "ctx" (the root context) and "target" (host:port).
 */}}
 {{- define "ncserve.healthCommand" -}}
@@ -162,7 +163,7 @@ Argument: a dict with "ctx" (the root context) and "target" (host:port).
 - --target
 - {{ .target | quote }}
 - --timeout
-- "5"
+- "3"
 {{- if $ctx.Values.auth.tls.enabled }}
 - --tls-ca
 - {{ include "ncserve.tlsCAFile" $ctx | quote }}
