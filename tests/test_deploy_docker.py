@@ -14,6 +14,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 from concurrent import futures
 from pathlib import Path
 from typing import Any
@@ -358,3 +359,58 @@ def test_healthcheck_over_tls_with_the_service_name(health_server, tmp_path: Pat
     # Without the name override the certificate does not match 127.0.0.1.
     result = check("--target", f"127.0.0.1:{port}", "--tls-ca", str(ca_file))
     assert result.returncode == 1
+
+
+def test_healthcheck_against_ncserve_serve_with_a_token(tmp_path: Path) -> None:
+    """The image's HEALTHCHECK and the chart's probes against the real server.
+
+    The token guards every RPC except health, which is what lets Kubernetes' native grpc
+    probes (which cannot send metadata) check a server that requires a token.
+    """
+    if not (REPO / "ncserve" / "cli" / "serve.py").exists():
+        pytest.skip("ncserve serve is not written yet")
+    token = tmp_path / "token"
+    token.write_text("s3cret-token\n")
+    port_file = tmp_path / "port"
+    code = "import sys; from ncserve.cli import main; sys.argv[0] = 'ncserve'; main()"
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            code,
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--port-file",
+            str(port_file),
+            "--db",
+            str(tmp_path / "ncserve.db"),
+            "--token-file",
+            str(token),
+            "--log-level",
+            "warning",
+        ],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not port_file.exists():
+            assert server.poll() is None, (
+                f"ncserve serve exited: {server.stderr.read() if server.stderr else ''}"
+            )
+            assert time.monotonic() < deadline, "ncserve serve did not start within 60 s"
+            time.sleep(0.1)
+        port = int(port_file.read_text())
+        result = check("--target", f"127.0.0.1:{port}")
+        assert result.returncode == 0, result.stderr
+        assert "SERVING" in result.stderr
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
