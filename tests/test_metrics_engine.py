@@ -225,3 +225,32 @@ def test_bad_features_are_named():
         r1.class_means()
     with pytest.raises(MetricInputError, match="weight must have shape"):
         round2_stats(h, y, round1_stats(h, y, 3).class_means(), W[:, :2])
+
+
+_LARGE_K_SCRIPT = """
+import resource, numpy as np
+from ncserve.metrics import Round1Stats, Round2Stats, finalize
+K, P = 20000, 512
+rng = np.random.default_rng(0)
+counts = np.full(K, 5, dtype=np.int64)  # N = 100,000 samples
+sums = rng.normal(size=(K, P)) * counts[:, None]
+r1 = Round1Stats(counts, sums, np.full(K, 3.0))
+A = rng.normal(size=(P, P))
+r2 = Round2Stats(int(counts.sum()), A @ A.T, np.full(K, 3.0), 1234, 567)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+m = finalize(r1, r2, rng.normal(size=(K, P)))
+assert all(np.isfinite(v) for v in m.values()), m
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+
+def test_k20000_finalizes_under_2gb():
+    """K = 20,000, P = 512, N = 100,000: tiled pairwise metrics keep the peak bounded."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-c", _LARGE_K_SCRIPT], capture_output=True, text=True, check=True
+    )
+    peak_bytes = int(proc.stdout.strip())
+    assert peak_bytes < 2 * 1024**3, f"peak RSS {peak_bytes / 2**20:.0f} MiB"

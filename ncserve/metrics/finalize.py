@@ -85,20 +85,27 @@ def _etf_distance_identity(trace: float, total: float, frob: float, K: int) -> f
     return math.sqrt(max(0.0, 2.0 - 2.0 * inner / frob))
 
 
-def _pairwise_mean(
-    x_KP: np.ndarray, pair_value: Callable[[slice, np.ndarray], np.ndarray]
-) -> float:
-    """Mean over ordered pairs k != l of pair_value, computed in row tiles of the Gram."""
+def _pairwise_means(
+    x_KP: np.ndarray, pair_values: Callable[[slice, slice, np.ndarray], list[np.ndarray]]
+) -> list[float]:
+    """Means over pairs k != l of symmetric pair quantities, from tiles of the Gram x x^T.
+
+    Only tiles on or above the diagonal are formed (half the work); no K x K matrix is ever
+    held whole, so K = 20,000 stays within a bounded working set.
+    """
     K = x_KP.shape[0]
-    total = 0.0
+    totals: list[float] | None = None
     rows = block_rows(K, K)
     for start in range(0, K, rows):
         sl = slice(start, min(K, start + rows))
-        tile = pair_value(sl, x_KP[sl] @ x_KP.T)
-        idx = np.arange(sl.start, sl.stop)
-        tile[idx - sl.start, idx] = 0.0
-        total += float(tile.sum())
-    return total / (K * (K - 1))
+        cols = slice(start, K)
+        tiles = pair_values(sl, cols, x_KP[sl] @ x_KP[cols].T)
+        # Keep strictly-upper entries (l > k) only; each unordered pair once.
+        upper = np.arange(cols.start, cols.stop)[None, :] > np.arange(sl.start, sl.stop)[:, None]
+        sums = [float(np.sum(tile, where=upper)) for tile in tiles]
+        totals = sums if totals is None else [a + b for a, b in zip(totals, sums, strict=True)]
+    assert totals is not None
+    return [2.0 * t / (K * (K - 1)) for t in totals]
 
 
 def _equinorm(x_KP: np.ndarray) -> float:
@@ -107,14 +114,28 @@ def _equinorm(x_KP: np.ndarray) -> float:
     return float(norms.std()) / mean if mean > 0 else math.nan
 
 
-def _equiangularity(x_KP: np.ndarray) -> float:
+def _angles_and_cdnv(x_KP: np.ndarray, var_K: np.ndarray | None) -> tuple[float, float]:
+    """Equiangularity mean_{k!=l} |cos(x_k, x_l) + 1/(K-1)| and, given variances, the CDNV.
+
+    Both come from the same Gram tiles. CDNV: mean_{k!=l} (var_k + var_l) / (2 ||x_k - x_l||^2).
+    """
     K = x_KP.shape[0]
-    norms = np.linalg.norm(x_KP, axis=1)
-    if (norms == 0).any():
-        return math.nan
-    unit_KP = x_KP / norms[:, None]
+    sq_K = np.einsum("kp,kp->k", x_KP, x_KP)
+    norms_K = np.sqrt(sq_K)
     shift = 1.0 / (K - 1)
-    return _pairwise_mean(unit_KP, lambda sl, cos: np.abs(cos + shift))
+
+    def pair_values(rows: slice, cols: slice, gram: np.ndarray) -> list[np.ndarray]:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            cos = gram / (norms_K[rows, None] * norms_K[None, cols])
+            out = [np.abs(cos + shift)]
+            if var_K is not None:
+                dist_sq = sq_K[rows, None] + sq_K[None, cols] - 2.0 * gram
+                out.append((var_K[rows, None] + var_K[None, cols]) / (2.0 * dist_sq))
+        return out
+
+    means = _pairwise_means(x_KP, pair_values)
+    angle = means[0] if (norms_K > 0).all() else math.nan
+    return angle, (means[1] if var_K is not None else math.nan)
 
 
 def _gram_etf_distance(x_KP: np.ndarray) -> float:
@@ -126,17 +147,6 @@ def _gram_etf_distance(x_KP: np.ndarray) -> float:
     # ||x x^T||_F == ||x^T x||_F, a P x P product.
     frob = float(np.linalg.norm(x_KP.T @ x_KP))
     return _etf_distance_identity(float(np.sum(x_KP * x_KP)), float(colsum_P @ colsum_P), frob, K)
-
-
-def _cdnv(mubar_KP: np.ndarray, var_K: np.ndarray) -> float:
-    sq_K = np.einsum("kp,kp->k", mubar_KP, mubar_KP)
-
-    def pair(sl: slice, gram: np.ndarray) -> np.ndarray:
-        dist_sq = sq_K[sl, None] + sq_K[None, :] - 2.0 * gram
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return (var_K[sl, None] + var_K[None, :]) / (2.0 * dist_sq)
-
-    return _pairwise_mean(mubar_KP, pair)
 
 
 def _nc1(mubar_KP: np.ndarray, r2: Round2Stats, num_samples: int) -> float:
@@ -204,17 +214,19 @@ def finalize(
         if w_frob > 0 and m_frob > 0
         else math.nan
     )
+    nc2_angle, cdnv = _angles_and_cdnv(mubar_KP, var_K)
+    nc2w_angle, _ = _angles_and_cdnv(w64, None)
     return {
         "nc0": nc0,
         "nc0_normalized": nc0_normalized,
         "nc1": _nc1(mubar_KP, r2, N),
         "nc1_trace_ratio": within_trace / between_trace if between_trace > 0 else math.nan,
-        "cdnv": _cdnv(mubar_KP, var_K),
+        "cdnv": cdnv,
         "nc2_norm": _equinorm(mubar_KP),
-        "nc2_angle": _equiangularity(mubar_KP),
+        "nc2_angle": nc2_angle,
         "nc2": _gram_etf_distance(mubar_KP),
         "nc2w_norm": _equinorm(w64),
-        "nc2w_angle": _equiangularity(w64),
+        "nc2w_angle": nc2w_angle,
         "nc2w": _gram_etf_distance(w64),
         "nc2m": _nc2m(w64, mubar_KP),
         "nc3": nc3,

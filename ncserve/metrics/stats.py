@@ -20,9 +20,13 @@ import numpy as np
 
 from ncserve.metrics.errors import MetricInputError
 
-# Rows per block are chosen so one float64 block of width max(K, P) stays near this size:
-# large enough to keep BLAS efficient, small enough that K = 20,000 fits in memory.
-_BLOCK_ELEMENTS = 1 << 21
+# Rows per block are chosen so one float64 block of features stays near this size (2 MB):
+# several passes over a block then run from cache, and BLAS still sees long products.
+_BLOCK_ELEMENTS = 1 << 18
+# Blocks of K-wide scores (NCC distances and logits) may be larger: 32 MB of float64.
+_BLOCK_ELEMENTS_WIDE = 1 << 22
+# Up to this many classes, class sums are one one-hot matrix product.
+_ONE_HOT_MAX_CLASSES = 256
 
 
 def block_rows(width: int, num_rows: int) -> int:
@@ -320,16 +324,23 @@ def round1_stats(h_NP: np.ndarray, y_N: np.ndarray, num_classes: int) -> Round1S
     h_NP = np.asarray(h_NP)
     y_N = np.asarray(y_N)
     check_features(h_NP, y_N, num_classes)
-    total = Round1Stats.zeros(num_classes, h_NP.shape[1])
-    rows = block_rows(h_NP.shape[1], h_NP.shape[0])
-    for sl in _row_blocks(h_NP.shape[0], rows):
+    K, P = num_classes, h_NP.shape[1]
+    total = Round1Stats.zeros(K, P)
+    for sl in _row_blocks(h_NP.shape[0], block_rows(P, h_NP.shape[0])):
         h64 = h_NP[sl].astype(np.float64)
         y = y_N[sl].astype(np.intp)
-        counts = np.bincount(y, minlength=num_classes).astype(np.int64)
-        sums = _class_sums(h64, y, num_classes)
-        local_means = sums / np.maximum(counts, 1)[:, None]
-        r = h64 - local_means[y]
-        sq_dev = np.bincount(y, weights=np.einsum("np,np->n", r, r), minlength=num_classes)
+        counts = np.bincount(y, minlength=K).astype(np.int64)
+        if K <= _ONE_HOT_MAX_CLASSES:
+            # A one-hot product is one BLAS call; cheaper than sorting for few classes.
+            one_hot_NK = np.zeros((y.size, K))
+            one_hot_NK[np.arange(y.size), y] = 1.0
+            sums = one_hot_NK.T @ h64
+        else:
+            sums = _class_sums(h64, y, K)
+        # Center on this block's own class means before squaring; merge() applies Chan's
+        # correction between blocks, so nothing is ever squared at a large offset.
+        h64 -= (sums / np.maximum(counts, 1)[:, None])[y]
+        sq_dev = np.bincount(y, weights=np.einsum("np,np->n", h64, h64), minlength=K)
         total = total.merge(Round1Stats(counts, sums, sq_dev))
     return total
 
@@ -353,8 +364,8 @@ def round2_stats(
     w64 = np.asarray(w_KP, dtype=np.float64)
     if w64.shape != (K, P):
         raise MetricInputError(f"weight must have shape (K, P) = {(K, P)}, got {w64.shape}")
-    b64 = None if b_K is None else np.asarray(b_K, dtype=np.float64)
-    if b64 is not None and b64.shape != (K,):
+    b64 = np.zeros(K) if b_K is None else np.asarray(b_K, dtype=np.float64)
+    if b64.shape != (K,):
         raise MetricInputError(f"bias must have shape (K,) = {(K,)}, got {b64.shape}")
 
     mubar_KP = class_means.centered()
@@ -362,31 +373,40 @@ def round2_stats(
     projected = K <= P
     d = Round2Stats.scatter_dim(K, P)
     scatter = np.zeros((d, d))
-    # For K <= P the projections double as the NCC scores: (h - mu_G).mubar_k = q_k + A[y, k].
-    gram_KK = mubar_KP @ mubar_KP.T if projected else None
     sq_resid_K = np.zeros(K)
     agree = 0
     correct = 0
-    rows = block_rows(max(K, P), h_NP.shape[0])
+    # One product per block gives both the projections q = M^T r and r.w_k:
+    # (h - mu_G).mubar_k = q_k + (mubar_y.mubar_k) and h.w_k = r.w_k + (mu_y.w_k), where the
+    # second terms are K x K lookup tables (K <= P only; for K > P they would not fit, so the
+    # product is taken with h - mu_G directly).
+    both_2KP = np.concatenate([mubar_KP, w64])
+    if projected:
+        offsets_K2K = class_means.means_KP @ both_2KP.T
+        offsets_K2K[:, :K] -= class_means.global_mean_P @ mubar_KP.T
+        offsets_K2K[:, K:] += b64
+    else:
+        offsets_2K = np.concatenate([np.zeros(K), class_means.global_mean_P @ w64.T + b64])
+    rows = min(block_rows(P, h_NP.shape[0]), max(16, _BLOCK_ELEMENTS_WIDE // (2 * K)))
     for sl in _row_blocks(h_NP.shape[0], rows):
-        h64 = h_NP[sl].astype(np.float64)
+        r_NP = h_NP[sl].astype(np.float64)
         y = y_N[sl].astype(np.intp)
-        r_NP = h64 - class_means.means_KP[y]
-        sq_resid_K += np.bincount(y, weights=np.einsum("np,np->n", r_NP, r_NP), minlength=K)
         if projected:
-            assert gram_KK is not None
-            q_NK = r_NP @ mubar_KP.T
+            r_NP -= class_means.means_KP[y]
+            scores_N2K = r_NP @ both_2KP.T
+            q_NK = scores_N2K[:, :K]
             scatter += q_NK.T @ q_NK
-            centered_dot_NK = q_NK + gram_KK[y]
+            scores_N2K += offsets_K2K[y]
         else:
+            r_NP -= class_means.global_mean_P
+            scores_N2K = r_NP @ both_2KP.T
+            scores_N2K += offsets_2K
+            r_NP -= mubar_KP[y]
             scatter += r_NP.T @ r_NP
-            centered_dot_NK = (h64 - class_means.global_mean_P) @ mubar_KP.T
+        sq_resid_K += np.bincount(y, weights=np.einsum("np,np->n", r_NP, r_NP), minlength=K)
         # argmin_k ||h - mu_k||^2 == argmin_k ||mubar_k||^2 - 2 (h - mu_G).mubar_k
-        nearest_N = np.argmin(mean_sq_K - 2.0 * centered_dot_NK, axis=1)
-        logits_NK = h64 @ w64.T
-        if b64 is not None:
-            logits_NK += b64
-        predicted_N = np.argmax(logits_NK, axis=1)
+        nearest_N = np.argmin(mean_sq_K - 2.0 * scores_N2K[:, :K], axis=1)
+        predicted_N = np.argmax(scores_N2K[:, K:], axis=1)
         agree += int(np.count_nonzero(predicted_N == nearest_N))
         correct += int(np.count_nonzero(predicted_N == y))
     return Round2Stats(int(h_NP.shape[0]), scatter, sq_resid_K, agree, correct)
