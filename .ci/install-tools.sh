@@ -24,7 +24,10 @@ log() { printf '[install-tools] %s\n' "$*" >&2; }
 die() { printf '[install-tools] ERROR: %s\n' "$*" >&2; exit 1; }
 
 # --- helm + kubectl ---------------------------------------------------------------
-helm_ok() { [ -x "$BIN/helm" ] && "$BIN/helm" version --short 2>/dev/null | grep -q '^v4\.'; }
+helm_ok() {
+    local version
+    [ -x "$BIN/helm" ] && version="$("$BIN/helm" version --short 2>/dev/null)" && [[ $version == v4.* ]]
+}
 kubectl_ok() { [ -x "$BIN/kubectl" ] && "$BIN/kubectl" version --client >/dev/null 2>&1; }
 if helm_ok && kubectl_ok; then
     log "helm $("$BIN/helm" version --short) and kubectl already installed"
