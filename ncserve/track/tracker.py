@@ -1,0 +1,427 @@
+"""Track Neural Collapse from any torch training loop, single-process or distributed.
+
+Legend: N samples on this rank, K classes, P feature dim; ``h_NP`` penultimate features
+(the input of the classifier ``nn.Linear``), ``w_KP`` / ``b_K`` its weight and bias.
+
+One measurement = one pass of the model over the measurement loader in eval mode with a
+forward hook on the classifier, then the two rounds with the ncserve service: round 1
+(counts, class sums) -> global class means -> round 2 (projected scatter, NCC counts). The
+service finalizes the metrics. Training never waits on the service for longer than
+``deadline_s`` per call: when it is unreachable, the ranks compute the global means among
+themselves (all_gather of the round-1 statistics, merged in rank order), finish the
+measurement locally, and the client keeps both rounds buffered for replay, so the service
+ends up with every measurement.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ncserve.client import DeliveryReport, NCClient, ServiceError, TLSConfig
+from ncserve.metrics import (
+    METRIC_KEYS,
+    ClassMeans,
+    Round1Stats,
+    Round2Stats,
+    finalize,
+    nc0_from_weight,
+    round1_stats,
+    round2_stats,
+)
+
+log = logging.getLogger(__name__)
+
+# Keys of a measurement as the tracker returns it (the service's dict has more fields).
+RESULT_KEYS = (*METRIC_KEYS, "num_samples", "num_classes", "feature_dim")
+HOLDOUT_KEYS = ("holdout_nc4", "holdout_accuracy")
+_POLL_S = 0.02
+
+
+class TrackerError(ValueError):
+    """A tracker that cannot work as configured (no classifier found, wrong feature shape)."""
+
+
+def find_classifier(model: nn.Module) -> nn.Linear:
+    """The last ``nn.Linear`` registered in ``model`` (the usual place of the classifier)."""
+    last = None
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            last = module
+    if last is None:
+        raise TrackerError(
+            f"no nn.Linear found in {type(model).__name__}; pass classifier=<the final layer>"
+        )
+    return last
+
+
+def _split_batch(batch: Any) -> tuple[Any, torch.Tensor]:
+    """(inputs, labels) from a (x, y) pair or a mapping with a 'labels' (or 'label') key."""
+    if isinstance(batch, Mapping):
+        for key in ("labels", "label", "y"):
+            if key in batch:
+                inputs = {k: v for k, v in batch.items() if k != key}
+                return inputs, batch[key]
+        raise TrackerError(f"batch mapping has no 'labels' key (keys: {sorted(batch)})")
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        return batch[0], batch[1]
+    raise TrackerError(f"a batch must be (inputs, labels) or a mapping, got {type(batch).__name__}")
+
+
+def _is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+class Tracker:
+    """Measure NC0-NC4 of ``model`` through the ncserve service.
+
+    Args:
+        model: the network; its forward on a batch's inputs must run the classifier.
+        classifier: the final ``nn.Linear`` (default: the last one found in ``model``).
+        num_classes: K (default: ``classifier.out_features``).
+        target: ``HOST:PORT`` of an ncserve service; None starts an embedded one on rank 0
+            (its database in ``run_dir``) and stops it in ``close()``.
+        run_id, metadata: the run's id and free-form metadata (optimizer, lr, ...).
+        run_dir: where the client spools undelivered pushes (``spool/rank<R>``) and the
+            embedded service keeps its database.
+        token, tls: credentials for the service.
+        deadline_s: the longest any call to the service may hold up training.
+        rank, world_size: default from torch.distributed (0 and 1 when not initialised).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        classifier: nn.Linear | None = None,
+        num_classes: int | None = None,
+        target: str | None = None,
+        run_id: str = "run",
+        metadata: Mapping[str, str] | None = None,
+        run_dir: str | Path | None = None,
+        token: str | None = None,
+        tls: TLSConfig | None = None,
+        deadline_s: float = 5.0,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ) -> None:
+        self.model = model
+        self.classifier = classifier if classifier is not None else find_classifier(model)
+        if not isinstance(self.classifier, nn.Linear):
+            raise TrackerError(
+                f"classifier must be an nn.Linear, got {type(self.classifier).__name__}"
+            )
+        self.num_classes = int(num_classes or self.classifier.out_features)
+        if self.num_classes != self.classifier.out_features:
+            raise TrackerError(
+                f"num_classes={self.num_classes} but the classifier has "
+                f"{self.classifier.out_features} outputs"
+            )
+        self.feature_dim = int(self.classifier.in_features)
+        self.run_id = run_id
+        self.rank = int(rank if rank is not None else (dist.get_rank() if _is_initialized() else 0))
+        self.world_size = int(
+            world_size
+            if world_size is not None
+            else (dist.get_world_size() if _is_initialized() else 1)
+        )
+        self.deadline_s = float(deadline_s)
+        self.run_dir = Path(run_dir) if run_dir is not None else Path("runs") / run_id
+        self._server: Any = None
+        if target is None:
+            target = self._start_embedded_service(token)
+        self.target = target
+        self.client = NCClient(
+            target,
+            token=token,
+            tls=tls,
+            deadline_s=self.deadline_s,
+            spill_dir=self.run_dir / "spool" / f"rank{self.rank}",
+        )
+        self.client.register_run(
+            run_id, self.num_classes, self.feature_dim, self.world_size, dict(metadata or {})
+        )
+        self.local_fallbacks = 0
+
+    # -- the embedded service ---------------------------------------------------------------
+
+    def _start_embedded_service(self, token: str | None) -> str:
+        address = None
+        if self.rank == 0:
+            from ncserve.service import ServerConfig, start_server
+
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._server = start_server(
+                ServerConfig(
+                    listen="127.0.0.1:0",
+                    db_path=self.run_dir / "ncserve.db",
+                    token=token,
+                )
+            )
+            address = self._server.address
+            log.info("embedded ncserve service on %s", address)
+        if self.world_size > 1 and _is_initialized():
+            box = [address]
+            dist.broadcast_object_list(box, src=0)
+            address = box[0]
+        assert address is not None
+        return str(address)
+
+    # -- reading the model ------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _full_classifier(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        """The whole W and b, gathered first under DeepSpeed ZeRO-3 or FSDP (collective)."""
+        weight, bias = self.classifier.weight, self.classifier.bias
+        params = [p for p in (weight, bias) if p is not None]
+        if any(hasattr(p, "ds_id") for p in params):
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+                yield weight.detach(), None if bias is None else bias.detach()
+            return
+        if hasattr(weight, "full_tensor"):  # DTensor (FSDP2 / tensor parallel)
+            full_b = None if bias is None else bias.full_tensor()  # type: ignore[attr-defined]
+            yield weight.full_tensor().detach(), full_b  # type: ignore[attr-defined]
+            return
+        yield weight.detach(), None if bias is None else bias.detach()
+
+    def classifier_arrays(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """(W, b) as float64 numpy arrays (a collective under ZeRO-3/FSDP)."""
+        with self._full_classifier() as (weight, bias):
+            w_KP = weight.float().cpu().numpy().astype(np.float64)
+            b_K = None if bias is None else bias.float().cpu().numpy().astype(np.float64)
+        if w_KP.shape != (self.num_classes, self.feature_dim):
+            raise TrackerError(
+                f"classifier weight has shape {w_KP.shape}, expected "
+                f"({self.num_classes}, {self.feature_dim}); is it sharded without a gather?"
+            )
+        return w_KP, b_K
+
+    @torch.no_grad()
+    def features(self, loader: Iterable[Any]) -> tuple[np.ndarray, np.ndarray]:
+        """(h_NP float32, y_N int64): the classifier's inputs over ``loader``, in eval mode."""
+        captured: list[torch.Tensor] = []
+
+        def hook(_module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+            captured.append(inputs[0].detach())
+
+        labels: list[torch.Tensor] = []
+        was_training = self.model.training
+        handle = self.classifier.register_forward_pre_hook(hook)
+        self.model.eval()
+        try:
+            for batch in loader:
+                inputs, y = _split_batch(batch)
+                before = len(captured)
+                if isinstance(inputs, Mapping):
+                    self.model(**inputs)
+                else:
+                    self.model(inputs)
+                if len(captured) != before + 1:
+                    raise TrackerError(
+                        f"the classifier ran {len(captured) - before} times in one forward "
+                        "pass; pass classifier=<the final nn.Linear>"
+                    )
+                labels.append(torch.as_tensor(y).reshape(-1))
+        finally:
+            handle.remove()
+            self.model.train(was_training)
+        if not captured:
+            return (
+                np.zeros((0, self.feature_dim), dtype=np.float32),
+                np.zeros(0, dtype=np.int64),
+            )
+        h = torch.cat([c.reshape(c.shape[0], -1) if c.ndim > 2 else c for c in captured])
+        if h.shape[1] != self.feature_dim:
+            raise TrackerError(
+                f"classifier inputs have {h.shape[1]} features per sample, expected "
+                f"{self.feature_dim}"
+            )
+        y_all = torch.cat(labels)
+        if y_all.shape[0] != h.shape[0]:
+            raise TrackerError(
+                f"got {y_all.shape[0]} labels for {h.shape[0]} feature rows "
+                "(one label per sample is needed)"
+            )
+        return h.float().cpu().numpy(), y_all.cpu().numpy().astype(np.int64)
+
+    # -- collectives (no-ops in a single process) --------------------------------------------
+
+    def _collective_device(self) -> torch.device:
+        if dist.get_backend() == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def _all_true(self, flag: bool) -> bool:
+        if not (_is_initialized() and self.world_size > 1):
+            return flag
+        t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=self._collective_device())
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return bool(t.item())
+
+    def _barrier(self) -> None:
+        if _is_initialized() and self.world_size > 1:
+            dist.barrier()
+
+    def _gather(self, obj: Any) -> list[Any]:
+        if not (_is_initialized() and self.world_size > 1):
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    # -- measurement ------------------------------------------------------------------------
+
+    def measure(
+        self,
+        loader: Iterable[Any],
+        step: int,
+        epoch: int | None = None,
+        holdout_loader: Iterable[Any] | None = None,
+        scalars: Mapping[str, float] | None = None,
+    ) -> dict[str, float] | None:
+        """Measure at ``step`` on every rank (a collective). Rank 0 gets the metrics dict.
+
+        Each rank passes its own shard of the measurement split. ``scalars`` (train loss,
+        accuracy, lr, ...) are stored with the measurement.
+        """
+        K = self.num_classes
+        h_NP, y_N = self.features(loader)
+        w_KP, b_K = self.classifier_arrays()
+        r1 = round1_stats(h_NP, y_N, K)
+        self.client.push_round1(
+            self.run_id,
+            step,
+            self.rank,
+            r1,
+            weight_KP=w_KP if self.rank == 0 else None,
+            bias_K=b_K if self.rank == 0 else None,
+            epoch=epoch,
+        )
+        # Every rank's round 1 is in (or buffered) before anyone asks for the means.
+        self._barrier()
+        means: ClassMeans | None = self.client.fetch_class_means(
+            self.run_id, step, timeout_s=self.deadline_s, rank=self.rank
+        )
+        local = not self._all_true(means is not None)
+        r1_all: list[Round1Stats] | None = None
+        if local:
+            # Deterministic on every rank: the same shards merged in rank order.
+            r1_all = self._gather(r1)
+            merged = Round1Stats.zeros(K, self.feature_dim)
+            for shard in r1_all:
+                merged = merged.merge(shard)
+            means = merged.class_means()
+        assert means is not None
+        r2 = round2_stats(h_NP, y_N, means, w_KP, b_K)
+        holdout = None
+        if holdout_loader is not None:
+            hh_NP, hy_N = self.features(holdout_loader)
+            holdout = round2_stats(hh_NP, hy_N, means, w_KP, b_K)
+        self.client.push_round2(
+            self.run_id,
+            step,
+            self.rank,
+            r2,
+            holdout=holdout,
+            scalars=dict(scalars or {}) if self.rank == 0 else None,
+            epoch=epoch,
+            num_classes=K,
+            feature_dim=self.feature_dim,
+        )
+        self._barrier()
+        metrics = None
+        if not local and self.rank == 0:
+            metrics = self._await_service_metrics(step)
+        if not self._all_true(self.rank != 0 or metrics is not None):
+            local = True
+        if local:
+            self.local_fallbacks += 1
+            if r1_all is None:
+                r1_all = self._gather(r1)
+            r2_all = self._gather((r2, holdout))
+            if self.rank == 0:
+                metrics = self._finalize_locally(r1_all, r2_all, w_KP, b_K)
+                log.warning(
+                    "step %d: ncserve at %s did not answer in time; metrics computed on the "
+                    "ranks, the service gets them when it is back",
+                    step,
+                    self.target,
+                )
+        return metrics if self.rank == 0 else None
+
+    def _await_service_metrics(self, step: int) -> dict[str, float] | None:
+        deadline = time.monotonic() + self.deadline_s
+        while True:
+            try:
+                row = self.client.get_metrics(self.run_id, step=step, include_incomplete=True)
+            except ServiceError as error:
+                if error.code.name not in ("NOT_FOUND", "UNAVAILABLE", "DEADLINE_EXCEEDED"):
+                    raise
+                row = None
+            if row is not None:
+                if row.get("status") != "complete":
+                    log.warning("step %d marked incomplete by the service: %s", step, row)
+                    return None
+                keys = (*RESULT_KEYS, *HOLDOUT_KEYS)
+                return {k: row[k] for k in keys if k in row and row[k] is not None}
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(_POLL_S)
+
+    def _finalize_locally(
+        self,
+        r1_all: list[Round1Stats],
+        r2_all: list[tuple[Round2Stats, Round2Stats | None]],
+        w_KP: np.ndarray,
+        b_K: np.ndarray | None,
+    ) -> dict[str, float]:
+        K, P = self.num_classes, self.feature_dim
+        r1 = Round1Stats.zeros(K, P)
+        r2 = Round2Stats.zeros(K, P)
+        held: Round2Stats | None = None
+        for shard1, (shard2, shard_holdout) in zip(r1_all, r2_all, strict=True):
+            r1 = r1.merge(shard1)
+            r2 = r2.merge(shard2)
+            if shard_holdout is not None:
+                held = shard_holdout if held is None else held.merge(shard_holdout)
+        metrics = finalize(r1, r2, w_KP, b_K)
+        if held is not None and held.num_samples > 0:
+            metrics["holdout_nc4"] = held.ncc_agree / held.num_samples
+            metrics["holdout_accuracy"] = held.correct / held.num_samples
+        return metrics
+
+    def record_nc0(
+        self, step: int, scalars: Mapping[str, float] | None = None, epoch: int | None = None
+    ) -> tuple[float, float]:
+        """nc0 and nc0_normalized of the current W, sent by rank 0 with ``scalars``.
+
+        Call on every rank (W is gathered collectively under ZeRO-3/FSDP).
+        """
+        w_KP, _ = self.classifier_arrays()
+        nc0, nc0_normalized = nc0_from_weight(w_KP)
+        if self.rank == 0:
+            values = {"nc0": nc0, "nc0_normalized": nc0_normalized, **dict(scalars or {})}
+            self.client.record_scalars(self.run_id, step, values, epoch=epoch)
+        return nc0, nc0_normalized
+
+    def close(self, timeout_s: float | None = None) -> DeliveryReport:
+        """Deliver what is buffered (up to ``timeout_s``), then stop the embedded service."""
+        report = self.client.close(timeout_s=timeout_s if timeout_s is not None else 30.0)
+        if not report.complete:
+            log.warning("rank %d: not everything reached ncserve: %s", self.rank, report.summary())
+        # Every rank has delivered before rank 0 stops the service they talk to.
+        self._barrier()
+        if self._server is not None:
+            self._server.stop(grace_s=5.0)
+            self._server = None
+        return report

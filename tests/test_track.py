@@ -1,0 +1,137 @@
+"""ncserve.track.Tracker: single-process and gloo multi-process measurements through the service."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from ncserve.metrics import METRIC_KEYS, compute_metrics
+from ncserve.service import ServerConfig, start_server
+from ncserve.track import Tracker, TrackerError, find_classifier
+
+
+class Net(nn.Module):
+    def __init__(self, d_in=6, p=8, k=4):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(d_in, p), nn.Tanh())
+        self.head = nn.Linear(p, k)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def make_data(n=120, d_in=6, k=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % k
+    x = torch.randn(n, d_in, generator=g) + y[:, None].float()
+    return x, y
+
+
+def batches(x, y, size=32):
+    return [(x[i : i + size], y[i : i + size]) for i in range(0, len(y), size)]
+
+
+def reference(model, x, y):
+    with torch.no_grad():
+        h = model.body(x).double().numpy()
+    W = model.head.weight.detach().double().numpy()
+    b = model.head.bias.detach().double().numpy()
+    return compute_metrics(h, y.numpy(), W, b)
+
+
+def test_find_classifier_picks_the_last_linear():
+    net = Net()
+    assert find_classifier(net) is net.head
+    with pytest.raises(TrackerError, match="no nn.Linear found"):
+        find_classifier(nn.Sequential(nn.ReLU()))
+
+
+def test_single_process_with_embedded_service(tmp_path):
+    torch.manual_seed(0)
+    net = Net()
+    x, y = make_data()
+    tracker = Tracker(net, run_id="solo", run_dir=tmp_path, metadata={"optimizer": "sgd"})
+    try:
+        got = tracker.measure(batches(x, y), step=0, epoch=0, scalars={"train_loss": 1.5})
+        nc0, _ = tracker.record_nc0(1, scalars={"lr": 0.1})
+        stored = tracker.client.get_metrics("solo", step=0)
+        assert stored["scalars"]["train_loss"] == 1.5
+    finally:
+        report = tracker.close()
+    want = reference(net, x, y)
+    for key in METRIC_KEYS:
+        assert got[key] == pytest.approx(want[key], rel=1e-9, abs=1e-12), key
+    assert nc0 == pytest.approx(want["nc0"], rel=1e-12)
+    assert report.complete and tracker.local_fallbacks == 0
+    assert net.training  # eval mode was restored
+
+
+def test_service_down_measures_locally_and_replays(tmp_path):
+    """No service at the target: metrics still come back, and the pushes wait in the spool."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.manual_seed(1)
+    net = Net()
+    x, y = make_data(seed=3)
+    tracker = Tracker(net, target=f"127.0.0.1:{port}", run_id="down", run_dir=tmp_path,
+                      deadline_s=0.5)
+    got = tracker.measure(batches(x, y), step=5, epoch=1)
+    assert tracker.local_fallbacks == 1
+    want = reference(net, x, y)
+    for key in METRIC_KEYS:
+        assert got[key] == pytest.approx(want[key], rel=1e-9, abs=1e-12), key
+    report = tracker.close(timeout_s=0.5)
+    assert not report.complete and report.persisted
+    # The service comes up on that port later: a new client on the same spool delivers.
+    server = start_server(ServerConfig(listen=f"127.0.0.1:{port}", db_path=tmp_path / "db.sqlite"))
+    try:
+        from ncserve.client import NCClient
+
+        with NCClient(server.address, spill_dir=tmp_path / "spool" / "rank0") as client:
+            assert client.flush(timeout_s=20).complete
+            stored = client.get_metrics("down", step=5)
+        for key in METRIC_KEYS:
+            assert stored[key] == pytest.approx(got[key], rel=1e-9, abs=1e-12), key
+    finally:
+        server.stop(grace_s=1)
+
+
+def _worker(rank, world, port, target, run_dir, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    net = Net()
+    x, y = make_data(n=160)
+    mine = slice(rank, None, world)
+    tracker = Tracker(net, target=target, run_id="dist", run_dir=run_dir)
+    got = tracker.measure(batches(x[mine], y[mine], 16), step=3, epoch=0)
+    tracker.close()
+    if rank == 0:
+        torch.save({"metrics": got, "reference": reference(net, x, y)}, out)
+    dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_equal_the_whole_dataset(tmp_path):
+    server = start_server(ServerConfig(listen="127.0.0.1:0", db_path=tmp_path / "db.sqlite"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "out.pt"
+    try:
+        mp.spawn(_worker, args=(2, port, server.address, str(tmp_path), str(out)), nprocs=2)
+    finally:
+        server.stop(grace_s=1)
+    result = torch.load(out, weights_only=False)
+    for key in METRIC_KEYS:
+        assert result["metrics"][key] == pytest.approx(
+            result["reference"][key], rel=1e-9, abs=1e-12
+        ), key
+    assert np.isclose(result["metrics"]["num_samples"], 160)
