@@ -49,7 +49,7 @@ def reference(model, x, y):
 def test_find_classifier_picks_the_last_linear():
     net = Net()
     assert find_classifier(net) is net.head
-    with pytest.raises(TrackerError, match="no nn.Linear found"):
+    with pytest.raises(TrackerError, match=r"no nn\.Linear found"):
         find_classifier(nn.Sequential(nn.ReLU()))
 
 
