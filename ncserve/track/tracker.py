@@ -189,7 +189,7 @@ class Tracker:
                 yield weight.detach(), None if bias is None else bias.detach()
             return
         if hasattr(weight, "full_tensor"):  # DTensor (FSDP2 / tensor parallel)
-            full_b = None if bias is None else bias.full_tensor()  # type: ignore[attr-defined]
+            full_b = None if bias is None else bias.full_tensor()
             yield weight.full_tensor().detach(), full_b  # type: ignore[attr-defined]
             return
         yield weight.detach(), None if bias is None else bias.detach()
@@ -363,7 +363,8 @@ class Tracker:
         deadline = time.monotonic() + self.deadline_s
         while True:
             try:
-                row = self.client.get_metrics(self.run_id, step=step, include_incomplete=True)
+                found = self.client.get_metrics(self.run_id, step=step, include_incomplete=True)
+                row = found if isinstance(found, dict) else None
             except ServiceError as error:
                 if error.code.name not in ("NOT_FOUND", "UNAVAILABLE", "DEADLINE_EXCEEDED"):
                     raise
