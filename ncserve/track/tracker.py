@@ -189,8 +189,9 @@ class Tracker:
                 yield weight.detach(), None if bias is None else bias.detach()
             return
         if hasattr(weight, "full_tensor"):  # DTensor (FSDP2 / tensor parallel)
-            full_b = None if bias is None else bias.full_tensor()
-            yield weight.full_tensor().detach(), full_b  # type: ignore[attr-defined]
+            full_w: torch.Tensor = getattr(weight, "full_tensor")()  # noqa: B009
+            full_b = None if bias is None else getattr(bias, "full_tensor")()  # noqa: B009
+            yield full_w.detach(), None if full_b is None else full_b.detach()
             return
         yield weight.detach(), None if bias is None else bias.detach()
 
