@@ -102,7 +102,7 @@ class FakeService(pb_grpc.NCServiceServicer):
             if not self._round1_complete(h.run_id, h.step):
                 context.abort(
                     grpc.StatusCode.FAILED_PRECONDITION,
-                    f"round 1 of step {h.step} is incomplete",
+                    f"round 2 of step {h.step} before round 1 is complete; retry later",
                 )
             self.s.round2.setdefault((h.run_id, h.step), {})[h.rank] = h
             self.s.log.append(("round2", h.run_id, h.step, h.rank))

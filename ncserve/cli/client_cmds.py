@@ -174,12 +174,17 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def _table(header: list[str], rows: list[list[Any]]) -> str:
+def _table(header: list[str], rows: list[list[Any]], min_width: int = 0) -> str:
     cells = [header, *[[_fmt(v) for v in row] for row in rows]]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    widths = [max(min_width, *(len(r[i]) for r in cells)) for i in range(len(header))]
     return "\n".join(
         "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells
     )
+
+
+# Streamed rows cannot be measured in advance: every column is at least this wide, enough
+# for the 4 significant digits of _fmt ("-1.234e-05") and the status.
+_STREAM_WIDTH = 10
 
 
 def _measurement_table(row: dict[str, Any]) -> str:
@@ -349,7 +354,7 @@ def watch(
         client.get_run(run_id)
         seen = 0
         if fmt == "table":
-            click.echo(_table(_ROW_KEYS, []))
+            click.echo(_table(_ROW_KEYS, [], _STREAM_WIDTH))
         try:
             for row in client.watch(
                 run_id,
@@ -360,7 +365,8 @@ def watch(
                 if fmt == "json":
                     click.echo(metrics_json(row))
                 else:
-                    click.echo(_table(_ROW_KEYS, [_row_cells(row)]).splitlines()[-1])
+                    line = _table(_ROW_KEYS, [_row_cells(row)], _STREAM_WIDTH).splitlines()[-1]
+                    click.echo(line)
                 sys.stdout.flush()
                 seen += 1
                 if count is not None and seen >= count:

@@ -15,6 +15,7 @@ Legend: K classes, P feature dim.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -192,11 +193,17 @@ class _RoundOneIncompleteError(Exception):
     """Round 2 arrived before every rank's round 1: wait, other ranks may be replaying."""
 
 
+# The service's FAILED_PRECONDITION for a round 2 that came before every rank's round 1
+# ("... before round 1 is complete (3 of 4 round-1 shards in ...); retry later"). Other
+# FAILED_PRECONDITIONs, such as a step already marked incomplete, are final.
+_ROUND1_PENDING = re.compile(r"before round 1 is complete|round 1 (is )?(not )?incomplete")
+
+
 def _is_round1_incomplete(error: BaseException) -> bool:
     if status_code(error) != grpc.StatusCode.FAILED_PRECONDITION:
         return False
-    details = (getattr(error, "details", lambda: "")() or "").lower()
-    return "round 1" in details or "round-1" in details or "round_1" in details
+    details = _details(error).lower()
+    return "marked incomplete" not in details and bool(_ROUND1_PENDING.search(details))
 
 
 def _details(error: BaseException) -> str:
