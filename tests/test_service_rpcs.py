@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from concurrent import futures
 
 import grpc
 import numpy as np
@@ -160,6 +161,35 @@ def test_repeated_pushes_get_the_same_reply_and_count_once(stub, server) -> None
     assert scrape("ncserve_shards_received_total", {"round": "1"}) == 2
     assert scrape("ncserve_shards_received_total", {"round": "2"}) == 2
     assert scrape("ncserve_steps_finalized_total", {"run_id": "run"}) == 1
+
+
+def test_concurrent_repeats_of_every_push_count_once(stub, server) -> None:
+    # Every push sent three times at once: repeats land in the same commit batch or later.
+    world_size = 6
+    data = make_dataset(17, 4, 8, world_size, 20)
+    register(stub, "run", data)
+    with futures.ThreadPoolExecutor(3 * world_size) as pool:
+        first = [pool.submit(push_round1, stub, "run", 2, data, r) for r in range(world_size)]
+        first += [pool.submit(push_round1, stub, "run", 2, data, r) for r in range(world_size)]
+        first += [pool.submit(push_round1, stub, "run", 2, data, r) for r in range(world_size)]
+        replies1 = [f.result() for f in first]
+        means = fetch_means(stub, "run", 2, 0, 4, 8)
+        second = [
+            pool.submit(push_round2, stub, "run", 2, data, r % world_size, means)
+            for r in range(3 * world_size)
+        ]
+        replies2 = [f.result() for f in second]
+    for replies in (replies1, replies2):
+        by_rank = {}
+        for reply in replies:
+            assert by_rank.setdefault(reply.rank, reply) == reply
+        assert sorted(by_rank) == list(range(world_size))
+    h, y = data.union()
+    got = stub.GetMetrics(pb.GetMetricsRequest(run_id="run", step=2)).measurements[0]
+    assert_metrics_close(got.metrics, compute_metrics(h, y, data.weight_KP, data.bias_K), 1e-9)
+    scrape = server.metrics.registry.get_sample_value
+    assert scrape("ncserve_shards_received_total", {"round": "1"}) == world_size
+    assert scrape("ncserve_shards_received_total", {"round": "2"}) == world_size
 
 
 def test_fetch_class_means_is_bounded_by_the_call_deadline(stub) -> None:

@@ -12,6 +12,7 @@ from types import FrameType
 
 import click
 from pydantic import SecretStr, ValidationError
+from threadpoolctl import threadpool_limits
 
 from ncserve.errors import UserError
 
@@ -130,6 +131,15 @@ def _write_port_file(path: Path, port: int) -> None:
     help="Largest gRPC message accepted (tensor chunks are at most 1 MiB).",
 )
 @click.option(
+    "--blas-threads",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Threads numpy's BLAS may use. Finalizing is small linear algebra next to many "
+    "busy RPC threads; multi-threaded BLAS there spins against them and runs many times "
+    "slower, so 1 is best unless the server has cores to spare.",
+)
+@click.option(
     "--port-file",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
@@ -157,6 +167,7 @@ def serve(
     max_runs: int,
     max_open_steps: int,
     max_message_bytes: int,
+    blas_threads: int,
     port_file: Path | None,
     log_level: str,
 ) -> None:
@@ -195,6 +206,9 @@ def serve(
         )
     except ValidationError as exc:
         raise UserError(_one_line(exc)) from exc
+
+    # Process-wide, hence here and not in start_server (an embedding process decides its own).
+    threadpool_limits(limits=blas_threads, user_api="blas")
 
     stop = threading.Event()
 

@@ -159,6 +159,14 @@ class _OpenStep:
     tally: list[float] | None = None
     closed: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # Group commit: shards queue in `pending`; whoever finds no commit in progress becomes
+    # the leader, merges the whole queue and persists it in one transaction.
+    pending: list[_Pending] = field(default_factory=list)
+    committing: bool = False
+    cond: threading.Condition = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.cond = threading.Condition(self.lock)
 
     @property
     def round1_complete(self) -> bool:
@@ -169,6 +177,29 @@ class _OpenStep:
 
     def missing(self, shards: Mapping[int, ShardRecord]) -> list[int]:
         return [r for r in range(self.run.world_size) if r not in shards]
+
+
+@dataclass
+class _Pending:
+    """One decoded shard waiting to be merged, and its outcome once a commit handled it."""
+
+    shard: ShardRecord
+    push: ShardPush
+    stats1: Round1Stats | None = None
+    weight: np.ndarray | None = None
+    bias: np.ndarray | None = None
+    stats2: Round2Stats | None = None
+    holdout: Round2Stats | None = None
+    done: bool = False
+    result: PushResult | None = None
+    error: ServiceError | None = None
+    step_closed: bool = False
+
+    def answer(self, result: PushResult) -> None:
+        self.result, self.done = result, True
+
+    def fail(self, error: ServiceError) -> None:
+        self.error, self.done = error, True
 
 
 def _arrays_with_prefix(arrays: Mapping[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
@@ -439,27 +470,70 @@ class Aggregator:
             push.payload_bytes,
             num_samples,
         )
-        # A closed step found under its lock means a concurrent close won: look it up again.
+        # A step closed while the shard queued (finalized, expired) is looked up again.
         for _ in range(3):
             state, answer = self._step_for(run, shard)
             if state is None:
                 assert answer is not None
                 return answer
-            with state.lock:
-                if state.closed:
-                    continue
-                previous = (state.r1_shards if push.round == ROUND_1 else state.r2_shards).get(
-                    push.rank
-                )
-                if previous is not None:
-                    return self._repeat(previous, shard)
-                if push.round == ROUND_1:
-                    self._merge_round1(state, shard, push, stats1, weight, bias)
-                else:
-                    self._merge_round2(state, shard, push, stats2, holdout)
-            self._metrics.shard_received(push.round, push.payload_bytes)
-            return PushResult.of(shard)
+            item = _Pending(shard, push)
+            if push.round == ROUND_1:
+                item.stats1, item.weight, item.bias = stats1, weight, bias
+            else:
+                item.stats2, item.holdout = stats2, holdout
+            self._submit(state, item)
+            if item.step_closed:
+                continue
+            if item.error is not None:
+                raise item.error
+            assert item.result is not None
+            return item.result
         raise Unavailable(f"step {push.step} of run {run.run_id!r} is changing state; retry")
+
+    def _submit(self, state: _OpenStep, item: _Pending) -> None:
+        """Queue ``item``; lead the commit of the queue unless another thread already does."""
+        with state.cond:
+            if state.closed:
+                item.step_closed = item.done = True
+                return
+            state.pending.append(item)
+            while not item.done and state.committing:
+                state.cond.wait()
+            if item.done:
+                return
+            state.committing = True
+            batch, state.pending = state.pending, []
+        try:
+            self._commit(state, batch)
+        except ServiceError as exc:
+            for waiting in batch:
+                if not waiting.done:
+                    waiting.fail(exc)
+        except BaseException as exc:
+            for waiting in batch:
+                if not waiting.done:
+                    waiting.fail(Unavailable(f"internal error while merging: {exc!r}"))
+            raise
+        finally:
+            with state.cond:
+                state.committing = False
+                state.cond.notify_all()
+
+    def _commit(self, state: _OpenStep, batch: list[_Pending]) -> None:
+        """Merge and persist a queue of shards (called by the one leader of the step)."""
+        if state.closed:
+            for item in batch:
+                item.step_closed = item.done = True
+            return
+        round1 = [i for i in batch if i.push.round == ROUND_1]
+        round2 = [i for i in batch if i.push.round == ROUND_2]
+        if round1:
+            self._commit_round1(state, round1)
+        if round2 and not state.closed:
+            self._commit_round2(state, round2)
+        for item in batch:
+            if not item.done:  # the step closed under round 1 (no class means possible)
+                item.step_closed = item.done = True
 
     def _decode_round1(
         self, run: RunRecord, arrays: Mapping[str, np.ndarray]
@@ -588,38 +662,53 @@ class Aggregator:
             )
         return PushResult.of(previous)
 
-    def _merge_round1(
-        self,
-        state: _OpenStep,
-        shard: ShardRecord,
-        push: ShardPush,
-        stats: Round1Stats,
-        weight: np.ndarray | None,
-        bias: np.ndarray | None,
-    ) -> None:
+    def _commit_round1(self, state: _OpenStep, items: list[_Pending]) -> None:
         run = state.run
-        base = state.r1 or Round1Stats.zeros(run.num_classes, run.feature_dim)
-        merged = base.merge(stats)
-        completes = len(state.r1_shards) + 1 == run.world_size
-        new_weight = state.weight is None and weight is not None
-        if completes and state.weight is None and weight is None:
-            raise FailedPrecondition(
-                f"the last round-1 shard of step {shard.step} of run {run.run_id!r} arrived and "
-                "no rank sent tensor 'weight'; the classifier W (and b) must come with round 1"
-            )
+        merged = state.r1 or Round1Stats.zeros(run.num_classes, run.feature_dim)
+        shards = dict(state.r1_shards)
+        weight, bias = state.weight, state.bias
+        epoch = state.epoch
+        accepted: list[_Pending] = []
+        for item in items:
+            shard = item.shard
+            previous = shards.get(shard.rank)
+            if previous is not None:
+                try:
+                    item.answer(self._repeat(previous, shard))
+                except ServiceError as exc:
+                    item.fail(exc)
+                continue
+            if len(shards) + 1 == run.world_size and weight is None and item.weight is None:
+                item.fail(
+                    FailedPrecondition(
+                        f"the last round-1 shard of step {shard.step} of run {run.run_id!r} "
+                        "arrived and no rank sent tensor 'weight'; the classifier W (and b) must "
+                        "come with round 1"
+                    )
+                )
+                continue
+            assert item.stats1 is not None
+            merged = merged.merge(item.stats1)
+            if weight is None and item.weight is not None:
+                weight, bias = item.weight, item.bias
+            epoch = _max_epoch(epoch, item.push.epoch)
+            shards[shard.rank] = shard
+            accepted.append(item)
+        if not accepted:
+            return
         tensors: dict[str, np.ndarray] = _prefixed(merged.to_arrays(), "r1.")
-        if new_weight:
-            assert weight is not None
+        if state.weight is None and weight is not None:
             tensors["weight"] = weight
             if bias is not None:
                 tensors["bias"] = bias
-        epoch = _max_epoch(state.epoch, push.epoch)
-        self._store.accept_shard(shard, epoch, state.state_json(), tensors, state.opened_unix)
-        state.r1 = merged
-        state.epoch = epoch
-        state.r1_shards[shard.rank] = shard
-        if new_weight:
-            state.weight, state.bias = weight, bias
+        self._store.accept_shards(
+            [i.shard for i in accepted], epoch, state.state_json(), tensors, state.opened_unix
+        )
+        state.r1, state.r1_shards, state.epoch = merged, shards, epoch
+        state.weight, state.bias = weight, bias
+        for item in accepted:
+            self._metrics.shard_received(ROUND_1, item.shard.payload_bytes)
+            item.answer(PushResult.of(item.shard))
         if state.round1_complete:
             try:
                 means = merged.class_means()
@@ -632,58 +721,79 @@ class Aggregator:
                     state.r2 = Round2Stats.zeros(run.num_classes, run.feature_dim)
                 self._bump()
 
-    def _merge_round2(
-        self,
-        state: _OpenStep,
-        shard: ShardRecord,
-        push: ShardPush,
-        stats: Round2Stats,
-        holdout: Round2Stats | None,
-    ) -> None:
+    def _commit_round2(self, state: _OpenStep, items: list[_Pending]) -> None:
         run = state.run
-        r1_shard = state.r1_shards[shard.rank]
-        if stats.num_samples != r1_shard.num_samples:
-            raise InvalidArgument(
-                f"round-2 num_samples={stats.num_samples} of rank {shard.rank} does not match its "
-                f"round-1 shard ({r1_shard.num_samples} samples) for step {shard.step}"
-            )
         assert state.r2 is not None
-        merged = state.r2.merge(stats)
-        merged_holdout = holdout if state.holdout is None else state.holdout
-        if holdout is not None and state.holdout is not None:
-            merged_holdout = state.holdout.merge(holdout)
+        merged, holdout = state.r2, state.holdout
+        shards = dict(state.r2_shards)
         scalar_sums = {k: list(v) for k, v in state.scalar_sums.items()}
-        for key, value in push.scalars.items():
-            entry = scalar_sums.setdefault(key, [0.0, 0.0])
-            entry[0] += float(value)
-            entry[1] += 1.0
-        tally = state.tally
-        if push.train_tally is not None:
-            base = tally or [0.0, 0.0, 0.0]
-            tally = [base[i] + float(push.train_tally[i]) for i in range(3)]
-        epoch = _max_epoch(state.epoch, push.epoch)
-        if len(state.r2_shards) + 1 < run.world_size:
-            tensors = _prefixed(merged.to_arrays(), "r2.")
-            if merged_holdout is not None:
-                tensors.update(_prefixed(merged_holdout.to_arrays(), HOLDOUT_PREFIX))
-            json_state = {"scalar_sums": scalar_sums, "tally": tally}
-            self._store.accept_shard(shard, epoch, json_state, tensors, state.opened_unix)
-            state.r2, state.holdout = merged, merged_holdout
-            state.scalar_sums, state.tally, state.epoch = scalar_sums, tally, epoch
-            state.r2_shards[shard.rank] = shard
+        tally = None if state.tally is None else list(state.tally)
+        epoch = state.epoch
+        accepted: list[_Pending] = []
+        for item in items:
+            shard = item.shard
+            previous = shards.get(shard.rank)
+            if previous is not None:
+                try:
+                    item.answer(self._repeat(previous, shard))
+                except ServiceError as exc:
+                    item.fail(exc)
+                continue
+            stats = item.stats2
+            assert stats is not None
+            expected = state.r1_shards[shard.rank].num_samples
+            if stats.num_samples != expected:
+                item.fail(
+                    InvalidArgument(
+                        f"round-2 num_samples={stats.num_samples} of rank {shard.rank} does not "
+                        f"match its round-1 shard ({expected} samples) for step {shard.step}"
+                    )
+                )
+                continue
+            merged = merged.merge(stats)
+            if item.holdout is not None:
+                holdout = item.holdout if holdout is None else holdout.merge(item.holdout)
+            for key, value in item.push.scalars.items():
+                entry = scalar_sums.setdefault(key, [0.0, 0.0])
+                entry[0] += float(value)
+                entry[1] += 1.0
+            if item.push.train_tally is not None:
+                base = tally or [0.0, 0.0, 0.0]
+                tally = [base[i] + float(item.push.train_tally[i]) for i in range(3)]
+            epoch = _max_epoch(epoch, item.push.epoch)
+            shards[shard.rank] = shard
+            accepted.append(item)
+        if not accepted:
             return
-        self._finalize(state, shard, merged, merged_holdout, scalar_sums, tally, epoch)
+        if len(shards) < run.world_size:
+            tensors = _prefixed(merged.to_arrays(), "r2.")
+            if holdout is not None:
+                tensors.update(_prefixed(holdout.to_arrays(), HOLDOUT_PREFIX))
+            json_state = {"scalar_sums": scalar_sums, "tally": tally}
+            self._store.accept_shards(
+                [i.shard for i in accepted], epoch, json_state, tensors, state.opened_unix
+            )
+            state.r2, state.holdout, state.r2_shards = merged, holdout, shards
+            state.scalar_sums, state.tally, state.epoch = scalar_sums, tally, epoch
+        elif not self._finalize(
+            state, [i.shard for i in accepted], merged, holdout, scalar_sums, tally, epoch
+        ):
+            return  # marked incomplete: the queued shards learn it as a closed step
+        for item in accepted:
+            self._metrics.shard_received(ROUND_2, item.shard.payload_bytes)
+            item.answer(PushResult.of(item.shard))
 
     def _finalize(
         self,
         state: _OpenStep,
-        last_shard: ShardRecord,
+        last_shards: list[ShardRecord],
         r2: Round2Stats,
         holdout: Round2Stats | None,
         scalar_sums: Mapping[str, list[float]],
         tally: list[float] | None,
         epoch: int | None,
-    ) -> None:
+    ) -> bool:
+        """Finalize and store the measurement; False when the step had to be marked incomplete."""
         run = state.run
         started = time.perf_counter()
         assert state.r1 is not None and state.weight is not None
@@ -691,7 +801,7 @@ class Aggregator:
             metrics: dict[str, float] = dict(finalize(state.r1, r2, state.weight, state.bias))
         except MetricInputError as exc:
             self._close_incomplete(state, f"finalize failed: {exc}")
-            return
+            return False
         if holdout is not None and holdout.num_samples > 0:
             metrics["holdout_nc4"] = holdout.ncc_agree / holdout.num_samples
             metrics["holdout_accuracy"] = holdout.correct / holdout.num_samples
@@ -701,14 +811,15 @@ class Aggregator:
             scalars["train_loss"] = tally[0] / tally[2]
             scalars["train_accuracy"] = tally[1] / tally[2]
         record = self._store.finalize_step(
-            run.run_id, state.step, epoch, metrics, scalars, last_shard
+            run.run_id, state.step, epoch, metrics, scalars, last_shards
         )
         self._metrics.observe_finalize(time.perf_counter() - started)
         self._close(state)
         self._metrics.measurement_finalized(run, record)
+        return True
 
     def _close_incomplete(self, state: _OpenStep, reason: str) -> MeasurementRecord | None:
-        """Mark a step incomplete (nothing of it counted). Caller holds ``state.lock``."""
+        """Mark a step incomplete (nothing of it counted). Caller leads the step's commits."""
         try:
             record = self._store.mark_incomplete(state.run.run_id, state.step, state.epoch, reason)
         except ServiceError as exc:
@@ -722,6 +833,7 @@ class Aggregator:
         return record
 
     def _close(self, state: _OpenStep) -> None:
+        """Caller leads the step's commits (or holds its lock)."""
         state.closed = True
         with self._lock:
             self._open.pop((state.run.run_id, state.step), None)
@@ -746,9 +858,12 @@ class Aggregator:
             ]
         expired = 0
         for state in overdue:
-            with state.lock:
-                if state.closed:
+            with state.cond:
+                # A commit in progress is left alone; the next pass looks again.
+                if state.closed or state.committing:
                     continue
+                state.committing = True
+            try:
                 run = state.run
                 if not state.round1_complete:
                     missing = f"round 1 missing ranks {state.missing(state.r1_shards)}"
@@ -760,6 +875,10 @@ class Aggregator:
                 )
                 if self._close_incomplete(state, reason) is not None:
                     expired += 1
+            finally:
+                with state.cond:
+                    state.committing = False
+                    state.cond.notify_all()
         return expired
 
     # -- class means -------------------------------------------------------------------------
