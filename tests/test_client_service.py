@@ -20,11 +20,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from pydantic import SecretStr
 
 from ncserve.cli import cli
 from ncserve.client import NCClient, RetryPolicy
 from ncserve.metrics import METRIC_KEYS, compute_metrics, round1_stats, round2_stats
 from ncserve.service import ServerConfig, ServerHandle, start_server
+from tests.client_certs import make_certs
 
 K, P = 4, 6
 FAST = RetryPolicy(initial_backoff_s=0.01, max_backoff_s=0.2)
@@ -281,3 +283,42 @@ def test_cli_push_conflicting_run_is_one_line(server: ServerHandle, tmp_path: Pa
     assert result.exit_code == 2
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and "ALREADY_EXISTS" in lines[0], result.output
+
+
+def test_cli_token_and_mutual_tls(tmp_path: Path) -> None:
+    certs = make_certs(tmp_path)
+    token = tmp_path / "token"
+    token.write_text("tok-123\n")
+    handle = start_server(
+        ServerConfig(
+            listen="127.0.0.1:0",
+            db_path=tmp_path / "ncserve.db",
+            token=SecretStr("tok-123"),
+            tls_cert=certs["server_cert"],
+            tls_key=certs["server_key"],
+            client_ca=certs["ca"],
+            grace_s=0.5,
+        )
+    )
+    tls = [
+        "--tls-ca", str(certs["ca"]), "--tls-cert", str(certs["client_cert"]),
+        "--tls-key", str(certs["client_key"]), "--tls-server-name", "localhost",
+    ]  # fmt: skip
+    base = ["runs", "--target", handle.address, "--deadline", "3"]
+    try:
+        ok = CliRunner().invoke(cli, [*base, *tls, "--token-file", str(token), "--format", "json"])
+        assert ok.exit_code == 0, ok.output
+        assert json.loads(ok.output) == []
+
+        no_token = CliRunner().invoke(cli, [*base, *tls])
+        assert no_token.exit_code == 2
+        assert no_token.output.startswith("Error: the service refused the credentials")
+        assert len(no_token.output.strip().splitlines()) == 1
+
+        wrong = tmp_path / "wrong"
+        wrong.write_text("nope")
+        bad = CliRunner().invoke(cli, [*base, *tls, "--token-file", str(wrong)])
+        assert bad.exit_code == 2 and "refused the credentials" in bad.output
+        assert "nope" not in bad.output  # a token is never echoed back
+    finally:
+        handle.stop(0)
