@@ -4,6 +4,9 @@ permanent errors, token, TLS/mTLS, and the delivery report."""
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
+import textwrap
 import time
 from collections.abc import Iterator
 from concurrent import futures
@@ -308,3 +311,28 @@ def test_tls_and_mutual_tls(state: FakeState, tmp_path: Path) -> None:
             c.list_runs()
     finally:
         server.stop(grace=None).wait()
+
+
+def test_exit_without_close_keeps_buffered_calls(state: FakeState, tmp_path: Path) -> None:
+    srv = FakeServer(state, port=free_port())
+    spool = tmp_path / "spool"
+    script = textwrap.dedent(
+        f"""
+        from pathlib import Path
+        from ncserve.client import NCClient
+        c = NCClient({srv.target!r}, deadline_s=0.2, spill_dir=Path({str(spool)!r}))
+        assert not c.register_run("run", 3, 5, 1)
+        assert not c.record_scalars("run", 0, {{"nc0": 2.0}})
+        # No close(): the interpreter exits with both calls only in memory.
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert len(list(spool.glob("*.spool"))) == 2
+    srv.start()
+    try:
+        with client(srv.target, spill_dir=spool) as c:
+            assert c.flush(timeout_s=10.0).replayed == 2
+        assert state.scalars[("run", 0)] == {"nc0": 2.0}
+    finally:
+        srv.stop()

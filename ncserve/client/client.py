@@ -14,6 +14,7 @@ Legend: K classes, P feature dim.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import re
 import threading
@@ -240,21 +241,23 @@ class NCClient:
         self._metadata: tuple[tuple[str, str], ...] = (
             (("authorization", f"Bearer {token}"),) if token else ()
         )
-        options = list(_CHANNEL_OPTIONS)
-        if tls is not None:
-            if tls.server_name:
-                options.append(("grpc.ssl_target_name_override", tls.server_name))
-            self._channel = grpc.secure_channel(target, tls.credentials(), options=options)
-        else:
-            if token and not _is_loopback(target):
-                log.warning("sending a bearer token to %s without TLS", target)
-            self._channel = grpc.insecure_channel(target, options=options)
-        self._stub = pb_grpc.NCServiceStub(self._channel)
+        credentials = tls.credentials() if tls is not None else None
+        # The spool is locked before anything else is opened, so a SpoolInUseError leaks nothing.
         self._buffer = DurableBuffer(
             Path(spill_dir) if spill_dir is not None else None,
             max_bytes=max_buffer_bytes,
             max_memory_bytes=max_memory_bytes,
         )
+        options = list(_CHANNEL_OPTIONS)
+        if tls is not None and credentials is not None:
+            if tls.server_name:
+                options.append(("grpc.ssl_target_name_override", tls.server_name))
+            self._channel = grpc.secure_channel(target, credentials, options=options)
+        else:
+            if token and not _is_loopback(target):
+                log.warning("sending a bearer token to %s without TLS", target)
+            self._channel = grpc.insecure_channel(target, options=options)
+        self._stub = pb_grpc.NCServiceStub(self._channel)
         self._counts_lock = threading.Lock()
         self._delivered = 0
         self._replayed = 0
@@ -275,6 +278,8 @@ class NCClient:
         self._watches: set[Any] = set()
         self._watches_lock = threading.Lock()
         self._closed = False
+        self._close_lock = threading.Lock()
+        atexit.register(self._persist_at_exit)
         self._replayer: threading.Thread | None = None
         if replay_in_background:
             self._replayer = threading.Thread(
@@ -544,10 +549,12 @@ class NCClient:
     def close(self, timeout_s: float | None = None) -> DeliveryReport:
         """Flush (bounded by ``timeout_s``), stop the replay thread, keep what is left in the
         spool for the next client on the same ``spill_dir``, and report. Idempotent."""
-        if self._closed:
-            return self.report()
-        self.flush(timeout_s)
-        self._closed = True
+        with self._close_lock:
+            if self._closed:
+                return self.report()
+            self.flush(timeout_s)
+            self._closed = True
+        atexit.unregister(self._persist_at_exit)
         self._stop.set()
         self._wake.set()
         with self._watches_lock:
@@ -562,6 +569,11 @@ class NCClient:
         if not report.complete:
             log.warning("ncserve client closed with undelivered calls: %s", report.summary())
         return report
+
+    def _persist_at_exit(self) -> None:
+        # A process that ends without close() still keeps its undelivered calls on disk.
+        if not self._closed and self._buffer.spill_dir is not None:
+            self._buffer.persist()
 
     def __enter__(self) -> NCClient:
         return self
