@@ -1,0 +1,78 @@
+"""Faults and continuation: an elastic restart after a killed worker, and ``--resume``.
+
+In deterministic mode both must end with exactly the metrics of an uninterrupted run,
+and no measurement step may be stored twice.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from launcher.trainer import FAULT_ENV
+from tests.launcher_support import TINY, cli, metrics, nclaunch, run_ok
+
+pytestmark = pytest.mark.slow
+
+COMMON = (
+    *TINY,
+    *cli("--nodes 2 --optimizer sgd --weight-decay 0.01 --deterministic --checkpoint-every 2"),
+    *cli("--log-every 4"),
+)
+# 8 steps per epoch: measurements at steps 0, 8, 16, 24, 32; checkpoints at 16 and 32.
+EPOCHS = 4
+# Rank 1, in epoch 4: the run goes back to the checkpoint at step 16 and trains epoch 3
+# again, whose measurement (step 24) is already stored.
+KILL_AT = "1:28"
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    run_dir = tmp_path_factory.mktemp("restart") / "straight"
+    run_ok(*COMMON, "--epochs", str(EPOCHS), "--run-dir", str(run_dir))
+    return metrics(run_dir)
+
+
+def _same_measurements(got: list[dict[str, Any]], want: list[dict[str, Any]]) -> None:
+    assert [r["step"] for r in got] == [r["step"] for r in want]
+    volatile = {"wall_time", "run_id"}
+    for g, w in zip(got, want, strict=True):
+        assert {k: v for k, v in g.items() if k not in volatile} == {
+            k: v for k, v in w.items() if k not in volatile
+        }, f"step {g['step']}"
+
+
+def test_killed_worker_restarts_from_checkpoint(
+    tmp_path: Path, uninterrupted: list[dict[str, Any]]
+) -> None:
+    run_dir = tmp_path / "killed"
+    run_ok(
+        *COMMON,
+        *f"--epochs {EPOCHS} --max-restarts 1 --run-dir {run_dir}".split(),
+        env={FAULT_ENV: KILL_AT},
+    )
+    log0 = (run_dir / "logs" / "rank0.log").read_text()
+    assert "restart 1" in log0, "the elastic agent did not restart the workers"
+    assert "resumed from" in log0 and "at step 16" in log0
+    # Measured before the kill: not measured (and stored) again after the restart.
+    assert "step 24 already measured" in log0
+    _same_measurements(metrics(run_dir), uninterrupted)
+
+
+def test_failed_run_continues_with_resume(
+    tmp_path: Path, uninterrupted: list[dict[str, Any]]
+) -> None:
+    run_dir = tmp_path / "resumed"
+    failed = nclaunch(
+        *COMMON, "--epochs", str(EPOCHS), "--run-dir", str(run_dir), env={FAULT_ENV: KILL_AT}
+    )
+    assert failed.returncode == 1
+    assert "training failed: rank 1" in failed.stdout
+    # A second launch on the same directory must not clobber it by accident.
+    again = nclaunch(*COMMON, "--run-dir", str(run_dir))
+    assert again.returncode == 2 and "--resume" in again.stderr
+    run_ok("--resume", "--run-dir", str(run_dir))
+    assert "step 24 already measured" in (run_dir / "logs" / "rank0.log").read_text()
+    _same_measurements(metrics(run_dir), uninterrupted)
