@@ -184,8 +184,12 @@ def test_background_thread_replays_and_round2_waits_for_other_ranks(
         # Rank 0 comes back first: its round 2 meets FAILED_PRECONDITION (rank 1's round 1
         # is missing) and must wait, not be rejected.
         srv.start()
-        report0 = clients[0].flush(timeout_s=1.0)
-        assert report0.buffered == (BufferKey("round2", "run", 4, 0, 2),)
+        waiting = (BufferKey("round2", "run", 4, 0, 2),)
+        deadline = time.monotonic() + 10.0
+        while clients[0].report().buffered != waiting and time.monotonic() < deadline:
+            clients[0].flush(timeout_s=0.2)
+        report0 = clients[0].flush(timeout_s=0.5)
+        assert report0.buffered == waiting
         assert report0.rejected == ()
         # Rank 1 replays; rank 0's background thread then delivers its round 2 by itself.
         assert clients[1].flush(timeout_s=10.0).complete
