@@ -482,3 +482,45 @@ def test_k_larger_than_p_and_classes_missing_on_a_rank(stub) -> None:
     h, y = data.union()
     assert_metrics_close(got.metrics, compute_metrics(h, y, data.weight_KP, data.bias_K), 1e-9)
     assert rng is not None
+
+
+def test_in_flight_budget_serializes_pushes_without_losing_any(tmp_path) -> None:
+    # A budget smaller than one shard: pushes are decoded one at a time, all still land.
+    handle = start_test_server(tmp_path / "nc.db", max_inflight_bytes=1 << 20)
+    channel, stub = insecure_stub(handle.port)
+    try:
+        world_size = 6
+        data = make_dataset(18, 8, 300, world_size, 20)
+        register(stub, "run", data)
+        with futures.ThreadPoolExecutor(world_size) as pool:
+            list(pool.map(lambda r: push_round1(stub, "run", 0, data, r), range(world_size)))
+            means = fetch_means(stub, "run", 0, 0, 8, 300)
+            list(pool.map(lambda r: push_round2(stub, "run", 0, data, r, means), range(world_size)))
+        h, y = data.union()
+        got = stub.GetMetrics(pb.GetMetricsRequest(run_id="run", step=0)).measurements[0]
+        assert_metrics_close(got.metrics, compute_metrics(h, y, data.weight_KP, data.bias_K), 1e-9)
+    finally:
+        channel.close()
+        handle.stop(0.5)
+
+
+def test_byte_budget_waits_then_gives_up_with_unavailable() -> None:
+    from ncserve.service.errors import Unavailable
+    from ncserve.service.servicer import ByteBudget
+
+    budget = ByteBudget(100, max_wait_s=5)
+    with budget.hold(60, None):
+        with pytest.raises(Unavailable, match="server busy"), budget.hold(60, 0.05):
+            pass
+        released = threading.Event()
+
+        def later() -> None:
+            with budget.hold(1000, 5):  # larger than the budget: takes all of it
+                released.set()
+
+        waiter = threading.Thread(target=later)
+        waiter.start()
+        time.sleep(0.05)
+        assert not released.is_set()
+    waiter.join(5)
+    assert released.is_set()

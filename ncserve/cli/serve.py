@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
@@ -33,6 +34,23 @@ def _one_line(exc: ValidationError) -> str:
     return "; ".join(
         f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']}" for err in exc.errors()
     )
+
+
+def _limit_malloc_arenas(arenas: int) -> None:
+    """Cap glibc's heap arenas for this process (no-op elsewhere).
+
+    glibc gives busy threads their own arenas, each keeping freed MB-sized shard buffers;
+    with one RPC thread per pushing rank that made the server's memory grow with the
+    number of ranks. Must run before the RPC threads start.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_arena_max = -8  # from glibc's malloc.h
+    libc.mallopt(m_arena_max, arenas)
 
 
 def _write_port_file(path: Path, port: int) -> None:
@@ -131,6 +149,14 @@ def _write_port_file(path: Path, port: int) -> None:
     help="Largest gRPC message accepted (tensor chunks are at most 1 MiB).",
 )
 @click.option(
+    "--max-inflight-bytes",
+    type=click.IntRange(min=1 << 20),
+    default=64 << 20,
+    show_default=True,
+    help="Shard payload bytes decoded at once over all pushes; more pushes wait their turn "
+    "(bounds memory whatever the number of ranks).",
+)
+@click.option(
     "--blas-threads",
     type=click.IntRange(min=1),
     default=1,
@@ -167,6 +193,7 @@ def serve(
     max_runs: int,
     max_open_steps: int,
     max_message_bytes: int,
+    max_inflight_bytes: int,
     blas_threads: int,
     port_file: Path | None,
     log_level: str,
@@ -203,12 +230,15 @@ def serve(
             max_runs=max_runs,
             max_open_steps=max_open_steps,
             max_message_bytes=max_message_bytes,
+            max_inflight_bytes=max_inflight_bytes,
         )
     except ValidationError as exc:
         raise UserError(_one_line(exc)) from exc
 
-    # Process-wide, hence here and not in start_server (an embedding process decides its own).
+    # Process-wide settings, hence here and not in start_server (an embedding process
+    # decides its own).
     threadpool_limits(limits=blas_threads, user_api="blas")
+    _limit_malloc_arenas(2)
 
     stop = threading.Event()
 

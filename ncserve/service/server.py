@@ -60,6 +60,9 @@ class ServerConfig(BaseModel):
     max_open_steps: int = Field(256, ge=1)
     max_message_bytes: int = Field(4 << 20, ge=2 << 20, description="largest gRPC message")
     max_shard_bytes: int = Field(2 << 30, ge=1 << 20, description="largest push payload")
+    max_inflight_bytes: int = Field(
+        64 << 20, ge=1 << 20, description="payload bytes decoded at once over all pushes"
+    )
     grace_s: float = Field(10.0, ge=0, description="drain time on stop / SIGTERM")
 
     @field_validator("listen")
@@ -208,11 +211,17 @@ def start_server(config: ServerConfig) -> ServerHandle:
             options=[
                 ("grpc.max_receive_message_length", config.max_message_bytes),
                 ("grpc.max_send_message_length", config.max_message_bytes),
+                # Two servers on one port would split the ranks of a run between them.
                 ("grpc.so_reuseport", 0),
+                # Without BDP probing each stream's receive window stays at gRPC's default
+                # instead of growing to MBs per rank: memory stays flat with the number of
+                # ranks, and in-cluster round trips are short enough not to need more.
+                ("grpc.http2.bdp_probe", 0),
             ],
         )
         pb_grpc.add_NCServiceServicer_to_server(
-            NCServicer(aggregator, metrics, config.max_shard_bytes), server
+            NCServicer(aggregator, metrics, config.max_shard_bytes, config.max_inflight_bytes),
+            server,
         )
         health_servicer = health.HealthServicer(experimental_non_blocking=True)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import collections
+import contextlib
+import dataclasses
 import logging
 import threading
 from collections.abc import Iterable, Iterator
@@ -18,7 +20,13 @@ from ncserve.service.aggregator import (
     RunView,
     ShardPush,
 )
-from ncserve.service.errors import InvalidArgument, ResourceExhausted, ServiceError, TruncatedStream
+from ncserve.service.errors import (
+    InvalidArgument,
+    ResourceExhausted,
+    ServiceError,
+    TruncatedStream,
+    Unavailable,
+)
 from ncserve.service.exporter import ServiceMetrics
 from ncserve.service.store import MeasurementRecord, RunRecord
 from ncserve.v1 import ncserve_pb2 as pb
@@ -75,6 +83,34 @@ def measurement(record: MeasurementRecord) -> pb.Measurement:
     return message
 
 
+class ByteBudget:
+    """Counting semaphore over bytes. A request larger than the whole budget takes all of it."""
+
+    def __init__(self, capacity: int, max_wait_s: float) -> None:
+        self._capacity = capacity
+        self._max_wait_s = max_wait_s
+        self._used = 0
+        self._cond = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, num_bytes: int, timeout_s: float | None) -> Iterator[None]:
+        need = min(num_bytes, self._capacity)
+        wait_s = self._max_wait_s if timeout_s is None else max(timeout_s, 0.0)
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._used + need <= self._capacity, wait_s):
+                raise Unavailable(
+                    f"server busy: {self._used} bytes of pushes in flight (limit "
+                    f"{self._capacity}, --max-inflight-bytes); retry"
+                )
+            self._used += need
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._used -= need
+                self._cond.notify_all()
+
+
 def _push_reply(result: PushResult) -> pb.PushReply:
     return pb.PushReply(
         run_id=result.run_id,
@@ -90,11 +126,16 @@ class NCServicer(pb_grpc.NCServiceServicer):
     """Implements ncserve.v1.NCService on top of an Aggregator."""
 
     def __init__(
-        self, aggregator: Aggregator, metrics: ServiceMetrics, max_shard_bytes: int
+        self,
+        aggregator: Aggregator,
+        metrics: ServiceMetrics,
+        max_shard_bytes: int,
+        max_inflight_bytes: int,
     ) -> None:
         self._agg = aggregator
         self._metrics = metrics
         self._max_shard_bytes = max_shard_bytes
+        self._budget = ByteBudget(max_inflight_bytes, aggregator.limits.step_deadline_s)
         self._means_lock = threading.Lock()
         # Encoded once per step and shared by every rank's FetchClassMeans.
         self._means_cache: collections.OrderedDict[
@@ -145,15 +186,22 @@ class NCServicer(pb_grpc.NCServiceServicer):
     def _push(
         self, request_iterator: Iterable[pb.ShardChunk], context: grpc.ServicerContext, round_: int
     ) -> pb.PushReply:
+        messages = iter(request_iterator)
         try:
-            result = self._agg.push(self._read_push(request_iterator, round_))
+            header, run = self._read_header(messages, round_)
+            cost = self._agg.expected_payload_bytes(run, round_)
+            # Held until the shard is merged: bounds the memory of decoded shards, whatever
+            # the number of ranks pushing at once; the others wait in gRPC flow control.
+            with self._budget.hold(cost, context.time_remaining()):
+                result = self._agg.push(self._read_payload(messages, header, run, round_))
         except ServiceError as exc:
             self._metrics.shard_rejected(exc.reason)
             _abort(context, exc)
         return _push_reply(result)
 
-    def _read_push(self, request_iterator: Iterable[pb.ShardChunk], round_: int) -> ShardPush:
-        messages = iter(request_iterator)
+    def _read_header(
+        self, messages: Iterator[pb.ShardChunk], round_: int
+    ) -> tuple[ShardPush, RunRecord]:
         first = next(messages, None)
         if first is None:
             raise TruncatedStream("push stream is empty: expected a ShardHeader first")
@@ -182,7 +230,11 @@ class NCServicer(pb_grpc.NCServiceServicer):
             payload_sha256="",
             payload_bytes=0,
         )
-        run = self._agg.check_header(push)
+        return push, self._agg.check_header(push)
+
+    def _read_payload(
+        self, messages: Iterator[pb.ShardChunk], header: ShardPush, run: RunRecord, round_: int
+    ) -> ShardPush:
         assembler = wire.ArrayAssembler(max_total_bytes=self._payload_limit(run, round_))
         try:
             for message in messages:
@@ -196,16 +248,8 @@ class NCServicer(pb_grpc.NCServiceServicer):
             if exc.reason == "resource_exhausted":
                 raise ResourceExhausted(f"push of rank {header.rank}: {exc}") from exc
             raise InvalidArgument(f"push of rank {header.rank}: {exc}") from exc
-        return ShardPush(
-            run_id=push.run_id,
-            step=push.step,
-            rank=push.rank,
-            round=round_,
-            num_classes=push.num_classes,
-            feature_dim=push.feature_dim,
-            epoch=push.epoch,
-            scalars=push.scalars,
-            train_tally=push.train_tally,
+        return dataclasses.replace(
+            header,
             arrays=arrays,
             payload_sha256=assembler.sha256_hex,
             payload_bytes=assembler.payload_bytes,
