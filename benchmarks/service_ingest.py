@@ -80,7 +80,7 @@ def make_payloads(clients: int, K: int, P: int, seed: int = 0) -> list[RankPaylo
 
 
 def shard_stream(
-    step: int, rank: int, round_: int, chunks: list[pb.TensorChunk], K: int, P: int
+    step: int, rank: int, round_: pb.Round, chunks: list[pb.TensorChunk], K: int, P: int
 ) -> Iterator[pb.ShardChunk]:
     yield pb.ShardChunk(
         header=pb.ShardHeader(
@@ -113,6 +113,7 @@ def subprocess_server(args: list[str], workdir: Path) -> Iterator[tuple[subproce
     process = subprocess.Popen(
         [*args, "--port-file", str(port_file)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
+    assert process.stderr is not None
     try:
         deadline = time.monotonic() + 60
         while not port_file.exists():
@@ -137,12 +138,12 @@ def echo_main(port_file: str, means_bytes: int, workers: int) -> None:
     K_P = means_bytes // 8
     means = list(wire.encode_arrays({"means": np.zeros(K_P)}))
 
-    def sink(request_iterator, context):  # type: ignore[no-untyped-def]
+    def sink(request_iterator: Iterator[pb.ShardChunk], context: object) -> pb.PushReply:
         for _ in request_iterator:
             pass
         return pb.PushReply()
 
-    def source(request, context):  # type: ignore[no-untyped-def]
+    def source(request: pb.ClassMeansRequest, context: object) -> Iterator[pb.TensorChunk]:
         yield from means
 
     handler = grpc.method_handlers_generic_handler(

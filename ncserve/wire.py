@@ -26,7 +26,7 @@ from ncserve.v1 import ncserve_pb2 as pb
 MAX_PIECE_BYTES = 1 << 20
 """Largest ``TensorPiece.data`` on the wire (1 MiB), far under gRPC's 4 MiB default."""
 
-_WIRE_DTYPES: dict[int, np.dtype] = {
+_WIRE_DTYPES: dict[pb.DType, np.dtype] = {
     pb.DTYPE_FLOAT64: np.dtype("<f8"),
     pb.DTYPE_INT64: np.dtype("<i8"),
 }
@@ -44,7 +44,7 @@ class WireError(ValueError):
         self.reason = reason
 
 
-def wire_dtype(array: np.ndarray) -> tuple[int, np.dtype]:
+def wire_dtype(array: np.ndarray) -> tuple[pb.DType, np.dtype]:
     """The wire type an array travels as: integers and booleans as int64, floats as float64."""
     kind = array.dtype.kind
     if kind in "iub":
@@ -68,12 +68,12 @@ def encode_arrays(
     for name, value in arrays.items():
         array = np.asarray(value)
         code, dtype = wire_dtype(array)
-        raw = memoryview(np.ascontiguousarray(array, dtype=dtype).reshape(-1)).cast("B")
+        raw = np.ascontiguousarray(array, dtype=dtype).reshape(-1).view(np.uint8)
         shape = list(array.shape)
         # An empty tensor still needs one piece so the receiver learns its name and shape.
         offsets = range(0, max(len(raw), 1), max_piece_bytes)
         for offset in offsets:
-            data = bytes(raw[offset : offset + max_piece_bytes])
+            data = raw[offset : offset + max_piece_bytes].tobytes()
             crc = zlib.crc32(data, crc)
             total += len(data)
             yield pb.TensorChunk(
@@ -243,7 +243,7 @@ class ArrayAssembler:
         return dict(self._arrays)
 
 
-def _code_of(dtype: np.dtype) -> int:
+def _code_of(dtype: np.dtype) -> pb.DType:
     return pb.DTYPE_FLOAT64 if dtype.kind == "f" else pb.DTYPE_INT64
 
 

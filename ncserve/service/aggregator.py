@@ -26,6 +26,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -925,7 +926,10 @@ class Aggregator:
                 raise Unavailable("call cancelled")
             with self._lock:
                 # Waits only if nothing changed since the checks above (no lost wake-up).
-                self._changed.wait_for(lambda s=seq: self._event_seq != s, min(remaining, 1.0))
+                self._changed.wait_for(partial(self._changed_since, seq), min(remaining, 1.0))
+
+    def _changed_since(self, seq: int) -> bool:
+        return self._event_seq != seq
 
     # -- watchers ----------------------------------------------------------------------------
 

@@ -74,12 +74,10 @@ def measurement(record: MeasurementRecord) -> pb.Measurement:
         message.epoch = record.epoch
     if record.metrics is not None:
         fields = pb.NCMetrics.DESCRIPTOR.fields_by_name
-        values = {
-            key: int(value) if key in _NC_INT_FIELDS else float(value)
-            for key, value in record.metrics.items()
-            if key in fields
-        }
-        message.metrics.CopyFrom(pb.NCMetrics(**values))
+        for key, value in record.metrics.items():
+            if key in fields:
+                setattr(message.metrics, key, int(value) if key in _NC_INT_FIELDS else float(value))
+        message.metrics.SetInParent()  # present even if no key matched
     return message
 
 
@@ -116,7 +114,7 @@ def _push_reply(result: PushResult) -> pb.PushReply:
         run_id=result.run_id,
         step=result.step,
         rank=result.rank,
-        round=result.round,
+        round=pb.Round.Name(result.round),
         payload_bytes=result.payload_bytes,
         payload_sha256=result.payload_sha256,
     )

@@ -410,8 +410,7 @@ class Store:
                         name,
                         array.dtype.str,
                         json.dumps(list(array.shape)),
-                        # A buffer view: sqlite3 copies it once, no intermediate bytes object.
-                        memoryview(np.ascontiguousarray(array)).cast("B"),
+                        np.ascontiguousarray(array).tobytes(),
                     )
                     for name, array in tensors.items()
                 ],
