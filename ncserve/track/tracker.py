@@ -38,6 +38,7 @@ from ncserve.metrics import (
     round1_stats,
     round2_stats,
 )
+from ncserve.track.sinks import CSVSink, TensorBoardSink, require_tensorboard
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,12 @@ class Tracker:
         token, tls: credentials for the service.
         deadline_s: the longest any call to the service may hold up training.
         rank, world_size: default from torch.distributed (0 and 1 when not initialised).
+        csv: also append every measurement (step, epoch, scalars, metrics) to this CSV file.
+        tensorboard: also write TensorBoard event files to this folder: each measurement
+            (``nc/*``, ``train/*``) and each ``record_nc0`` (``step/*``); needs the
+            ``ncserve[tensorboard]`` extra. Both exporters are written by rank 0.
+
+    Use it as a context manager, or call ``close()`` at the end of training.
     """
 
     def __init__(
@@ -112,7 +119,12 @@ class Tracker:
         deadline_s: float = 5.0,
         rank: int | None = None,
         world_size: int | None = None,
+        csv: str | Path | None = None,
+        tensorboard: str | Path | None = None,
     ) -> None:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            # Its forward may broadcast buffers (a collective); measuring needs no gradients.
+            model = model.module
         self.model = model
         self.classifier = classifier if classifier is not None else find_classifier(model)
         if not isinstance(self.classifier, nn.Linear):
@@ -135,6 +147,16 @@ class Tracker:
         )
         self.deadline_s = float(deadline_s)
         self.run_dir = Path(run_dir) if run_dir is not None else Path("runs") / run_id
+        self.csv: CSVSink | None = None
+        self.tensorboard: TensorBoardSink | None = None
+        if tensorboard is not None:
+            # Checked on every rank, so a missing package fails all ranks alike before any
+            # collective, not rank 0 alone while the others wait for it.
+            require_tensorboard(tensorboard)
+            if self.rank == 0:
+                self.tensorboard = TensorBoardSink(tensorboard)
+        if csv is not None and self.rank == 0:
+            self.csv = CSVSink(csv)
         self._server: Any = None
         if target is None:
             target = self._start_embedded_service(token)
@@ -177,9 +199,55 @@ class Tracker:
 
     # -- reading the model ------------------------------------------------------------------
 
+    def _fsdp1_units(self) -> list[nn.Module]:
+        """The FSDP1 units of ``model`` that contain the classifier, outermost first."""
+        if not dist.is_available():
+            return []
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        # modules() is pre-order, so a later match is nested deeper; the last one owns W, b.
+        return [
+            module
+            for module in self.model.modules()
+            if isinstance(module, FullyShardedDataParallel)
+            and any(inner is self.classifier for inner in module.modules())
+        ]
+
+    def _forward_is_collective(self) -> bool:
+        """Whether a forward pass gathers parameters from all ranks (FSDP, ZeRO-3, DTensor)."""
+        if not (_is_initialized() and self.world_size > 1):
+            return False
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        if any(isinstance(m, FullyShardedDataParallel) for m in self.model.modules()):
+            return True
+        return any(
+            hasattr(p, "ds_id") or hasattr(p, "full_tensor") for p in self.model.parameters()
+        )
+
     @contextlib.contextmanager
     def _full_classifier(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
         """The whole W and b, gathered first under DeepSpeed ZeRO-3 or FSDP (collective)."""
+        fsdp1_units = self._fsdp1_units()
+        if fsdp1_units:
+            from torch.distributed.fsdp import FullyShardedDataParallel
+
+            # FSDP1 keeps W and b in a flat parameter: a 1-D shard per rank with
+            # use_orig_params=True, views valid only inside forward otherwise. Summon the
+            # unit that owns them, and the root unit first (its own parameters only): before
+            # the first forward, summoning a nested unit alone would make FSDP take it for
+            # the root. Copies, because FSDP frees that storage on exit, which torch refuses
+            # once numpy has seen it.
+            with contextlib.ExitStack() as stack:
+                for unit in dict.fromkeys((fsdp1_units[0], fsdp1_units[-1])):
+                    stack.enter_context(
+                        FullyShardedDataParallel.summon_full_params(
+                            unit, recurse=False, writeback=False
+                        )
+                    )
+                weight, bias = self.classifier.weight, self.classifier.bias
+                yield weight.detach().clone(), None if bias is None else bias.detach().clone()
+            return
         weight, bias = self.classifier.weight, self.classifier.bias
         params = [p for p in (weight, bias) if p is not None]
         if any(hasattr(p, "ds_id") for p in params):
@@ -217,22 +285,44 @@ class Tracker:
 
         labels: list[torch.Tensor] = []
         was_training = self.model.training
+        lockstep = self._forward_is_collective()
         handle = self.classifier.register_forward_pre_hook(hook)
         self.model.eval()
         try:
-            for batch in loader:
-                inputs, y = _split_batch(batch)
+            batches = iter(loader)
+            batch = next(batches, None)
+            if lockstep and not self._all_true(batch is not None):
+                empty = [r for r, has in enumerate(self._gather(batch is not None)) if not has]
+                raise TrackerError(
+                    "with FSDP, ZeRO-3 or DTensor parameters every rank needs at least one "
+                    f"measurement batch (a forward pass is a collective); ranks {empty} got none"
+                )
+            last_inputs: Any = None
+            while True:
+                # In lockstep every rank joins the all-reduce each round, batch or not.
+                if lockstep:
+                    if self._all_true(batch is None):
+                        break
+                elif batch is None:
+                    break
                 before = len(captured)
-                if isinstance(inputs, Mapping):
-                    self.model(**inputs)
+                if batch is None:
+                    # Sharded parameters are gathered with every rank in each forward, so a
+                    # rank whose shard ran out repeats its last batch (output discarded)
+                    # until every rank is done.
+                    self._forward(last_inputs)
+                    del captured[before:]
                 else:
-                    self.model(inputs)
-                if len(captured) != before + 1:
-                    raise TrackerError(
-                        f"the classifier ran {len(captured) - before} times in one forward "
-                        "pass; pass classifier=<the final nn.Linear>"
-                    )
-                labels.append(torch.as_tensor(y).reshape(-1))
+                    inputs, y = _split_batch(batch)
+                    self._forward(inputs)
+                    if len(captured) != before + 1:
+                        raise TrackerError(
+                            f"the classifier ran {len(captured) - before} times in one forward "
+                            "pass; pass classifier=<the final nn.Linear>"
+                        )
+                    labels.append(torch.as_tensor(y).reshape(-1))
+                    last_inputs = inputs
+                batch = next(batches, None)
         finally:
             handle.remove()
             self.model.train(was_training)
@@ -254,6 +344,12 @@ class Tracker:
                 "(one label per sample is needed)"
             )
         return h.float().cpu().numpy(), y_all.cpu().numpy().astype(np.int64)
+
+    def _forward(self, inputs: Any) -> None:
+        if isinstance(inputs, Mapping):
+            self.model(**inputs)
+        else:
+            self.model(inputs)
 
     # -- collectives (no-ops in a single process) --------------------------------------------
 
@@ -358,7 +454,25 @@ class Tracker:
                     step,
                     self.target,
                 )
+        if self.rank == 0 and metrics is not None:
+            self._export_measurement(step, epoch, dict(scalars or {}), metrics)
         return metrics if self.rank == 0 else None
+
+    def _export_measurement(
+        self, step: int, epoch: int | None, scalars: dict[str, float], metrics: dict[str, float]
+    ) -> None:
+        if self.csv is None and self.tensorboard is None:
+            return
+        row: dict[str, Any] = {"run_id": self.run_id, "step": step, "epoch": epoch}
+        row |= scalars
+        row["wall_time"] = time.time()
+        row |= metrics
+        if self.csv is not None:
+            self.csv.write(row)
+        if self.tensorboard is not None:
+            self.tensorboard.write_measurement(
+                row, (*METRIC_KEYS, *HOLDOUT_KEYS), scalar_keys=tuple(scalars)
+            )
 
     def _await_service_metrics(self, step: int) -> dict[str, float] | None:
         deadline = time.monotonic() + self.deadline_s
@@ -414,11 +528,26 @@ class Tracker:
         if self.rank == 0:
             values = {"nc0": nc0, "nc0_normalized": nc0_normalized, **dict(scalars or {})}
             self.client.record_scalars(self.run_id, step, values, epoch=epoch)
+            if self.tensorboard is not None:
+                self.tensorboard.write_step(step, values)
         return nc0, nc0_normalized
 
     def close(self, timeout_s: float | None = None) -> DeliveryReport:
-        """Deliver what is buffered (up to ``timeout_s``), then stop the embedded service."""
-        report = self.client.close(timeout_s=timeout_s if timeout_s is not None else 30.0)
+        """Deliver what is buffered, then stop the embedded service.
+
+        Delivery goes on for up to ``timeout_s`` (default 30 s) while the service takes
+        calls. When a whole ``deadline_s`` passes with nothing delivered, the service is taken
+        to be down and the rest stays in the spool (``ncserve replay RUN_DIR`` delivers it),
+        so an outage costs the end of training one deadline, not ``timeout_s``.
+        """
+        limit = time.monotonic() + (timeout_s if timeout_s is not None else 30.0)
+        report = self.client.report()
+        while report.buffered and (remaining := limit - time.monotonic()) > 0:
+            delivered = report.delivered
+            report = self.client.flush(timeout_s=min(self.deadline_s, remaining))
+            if report.delivered == delivered:
+                break
+        report = self.client.close(timeout_s=0)
         if not report.complete:
             log.warning("rank %d: not everything reached ncserve: %s", self.rank, report.summary())
         # Every rank has delivered before rank 0 stops the service they talk to.
@@ -426,4 +555,13 @@ class Tracker:
         if self._server is not None:
             self._server.stop(grace_s=5.0)
             self._server = None
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = None
         return report
+
+    def __enter__(self) -> Tracker:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
