@@ -23,7 +23,13 @@ from ncserve.metrics import METRIC_KEYS
 
 # The NC metrics drawn on a log scale (accuracy and NC4 go to 1, not 0: linear panel).
 LOG_METRICS: tuple[str, ...] = tuple(k for k in METRIC_KEYS if k not in ("nc4", "accuracy"))
-SUMMARY_METRICS: tuple[str, ...] = ("train_loss", "train_acc", "holdout_acc", *METRIC_KEYS)
+SUMMARY_METRICS: tuple[str, ...] = (
+    "train_loss",
+    "train_acc",
+    "holdout_acc",
+    "holdout_nc4",
+    *METRIC_KEYS,
+)
 
 
 def _fmt(value: Any) -> str:
@@ -50,7 +56,7 @@ class TrainingProgress:
         self.epochs = epochs
         self.console = Console(stderr=False)
         self.live = enabled and self.console.is_terminal
-        self._fields: dict[str, str] = {"loss": "-", "acc": "-", "nc0": "-", "nc1": "-"}
+        self._fields: dict[str, Any] = {"loss": "-", "acc": "-", "nc0": "-", "nc1": "-"}
         self._progress = Progress(
             TextColumn("[bold]epoch {task.fields[epoch]}/{task.fields[epochs]}"),
             BarColumn(),

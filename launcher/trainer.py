@@ -33,7 +33,7 @@ from torch.utils.data import DistributedSampler
 from launcher.checkpoint import CheckpointStore, load_trainer_state, save_trainer_state
 from launcher.config import RunConfig
 from launcher.data import DatasetSplits, load_dataset, measurement_indices
-from launcher.engines import Engine, build_engine, deepspeed_accelerator
+from launcher.engines import Engine, build_engine, classifier_of, deepspeed_accelerator
 from launcher.models import build_model
 from launcher.report import TrainingProgress
 from launcher.rundir import RunDir
@@ -66,9 +66,12 @@ def run_worker(config_json: str, runtime_json: str) -> dict[str, Any] | None:
     config = RunConfig.model_validate_json(config_json)
     trainer = Trainer(config, Runtime.from_json(runtime_json))
     try:
-        return trainer.train()
-    finally:
-        trainer.close()
+        result = trainer.train()
+    except BaseException:
+        trainer.abort()
+        raise
+    trainer.close()
+    return result
 
 
 class DeviceBatches:
@@ -250,7 +253,7 @@ class Trainer:
                 f"train.batch_size: {train.batch_size} is not a positive multiple of the world "
                 f"size {self.world_size}"
             )
-        self.sampler = DistributedSampler(
+        self.sampler: DistributedSampler[Any] = DistributedSampler(
             splits.train,
             num_replicas=self.world_size,
             rank=self.rank,
@@ -297,7 +300,7 @@ class Trainer:
                     self.device,
                     self.engine.input_dtype,
                 )
-        self.feature_dim = self.engine.module.classifier.in_features  # type: ignore[union-attr]
+        self.feature_dim = classifier_of(self.engine.module).in_features
         log.info(
             "data %s: %d training samples, K=%d, input %s; %d steps/epoch x %d epochs; "
             "measurement split %d samples (%d on this rank)",
@@ -344,7 +347,7 @@ class Trainer:
         }
         self.tracker = Tracker(
             self.engine.module,
-            classifier=self.engine.module.classifier,
+            classifier=classifier_of(self.engine.module),
             num_classes=self.num_classes,
             target=self.runtime.service_target or tracking.sidecar,
             run_id=config.run_id,
@@ -423,6 +426,7 @@ class Trainer:
                 loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
                 correct_sum = torch.zeros((), dtype=torch.int64, device=self.device)
                 seen = 0
+                epoch_started = time.perf_counter()
                 for x, y in self.batch_generator(epoch):
                     loss, correct = self.train_step(x, y)
                     loss_sum += loss.double() * len(y)
@@ -433,6 +437,7 @@ class Trainer:
                         self.log_step(loss_sum.item() / seen, correct_sum.item() / seen)
                     self.progress.advance(self.step)
                 self.epoch = epoch + 1
+                epoch_time_s = time.perf_counter() - epoch_started
                 seen_t = torch.tensor(float(seen), dtype=torch.float64, device=self.device)
                 sums = torch.stack([loss_sum, correct_sum.double(), seen_t])
                 dist.all_reduce(sums)  # on the device: nccl reduces only GPU tensors
@@ -442,7 +447,7 @@ class Trainer:
                 }
                 last = self.epoch == config.epochs
                 if self.epoch % config.measure_every == 0 or last:
-                    self.measure(step=self.step, epoch=self.epoch, train_scalars=scalars)
+                    self.measure(self.step, self.epoch, scalars, epoch_time_s=epoch_time_s)
                 else:
                     self.progress.epoch_done(self.epoch, scalars, {})
                 every = config.checkpoint_every
@@ -487,7 +492,11 @@ class Trainer:
         return float(nc0), float(nc0_normalized)
 
     def measure(
-        self, step: int, epoch: int, train_scalars: dict[str, float] | None
+        self,
+        step: int,
+        epoch: int,
+        train_scalars: dict[str, float] | None,
+        epoch_time_s: float | None = None,
     ) -> dict[str, Any] | None:
         """All NC metrics on the measurement split, on every rank; rank 0 stores the row."""
         if step in self.measured_steps:
@@ -496,6 +505,7 @@ class Trainer:
             return None
         scalars = {"lr": self.engine.current_lr(), **(train_scalars or {})}
         module = self.engine.module
+        started = time.perf_counter()
         module.eval()
         try:
             if self.tracker is not None:
@@ -512,6 +522,7 @@ class Trainer:
         finally:
             module.train()
         self.measured_steps.add(step)
+        measure_time_s = time.perf_counter() - started
         if self.rank != 0:
             return None
         row: dict[str, Any] = {
@@ -528,6 +539,10 @@ class Trainer:
         if holdout is not None:
             row["holdout_acc"] = holdout
         row["wall_time"] = time.time()
+        # Rank 0's seconds in the last epoch's training steps and in this measurement.
+        if epoch_time_s is not None:
+            row["epoch_time_s"] = epoch_time_s
+        row["measure_time_s"] = measure_time_s
         row |= {k: v for k, v in metrics.items() if k not in row}
         self.run_dir.append_metrics(row)
         if self.csv is not None:
@@ -600,6 +615,22 @@ class Trainer:
             )
             logging.shutdown()
             os.kill(os.getpid(), signal.SIGKILL)
+
+    def abort(self) -> None:
+        """Clean-up after a failure on this rank: nothing collective.
+
+        The other ranks may be blocked in a collective this rank will never join; a
+        barrier here would hang until the process-group timeout instead of letting the
+        elastic agent see the failure and restart or stop the workers.
+        """
+        log.exception("rank %d failed at step %d", self.rank, self.step)
+        if self.tracker is not None:
+            # Whatever the client still buffers goes to its spool for a later replay.
+            self.tracker.client.close(timeout_s=2.0)
+            self.tracker = None
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        logging.shutdown()
 
     def close(self) -> None:
         if self.tracker is not None:

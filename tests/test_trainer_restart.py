@@ -37,7 +37,7 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, An
 
 def _same_measurements(got: list[dict[str, Any]], want: list[dict[str, Any]]) -> None:
     assert [r["step"] for r in got] == [r["step"] for r in want]
-    volatile = {"wall_time", "run_id"}
+    volatile = {"wall_time", "run_id", "epoch_time_s", "measure_time_s"}
     for g, w in zip(got, want, strict=True):
         assert {k: v for k, v in g.items() if k not in volatile} == {
             k: v for k, v in w.items() if k not in volatile
