@@ -422,6 +422,7 @@ def preflight(config: RunConfig) -> None:
 
     from launcher.optim import build_optimizer
     from launcher.rundir import tensorboard_available
+    from ncserve.track.sinks import TENSORBOARD_EXTRA
 
     data_dir = config.data.data_dir
     if data_dir is not None and not Path(data_dir).is_dir():
@@ -429,7 +430,7 @@ def preflight(config: RunConfig) -> None:
     if config.tracking.tensorboard is not None and not tensorboard_available():
         raise UserError(
             "tracking.tensorboard (--tensorboard): needs the tensorboard package "
-            "(pip install tensorboard)"
+            f"(pip install '{TENSORBOARD_EXTRA}')"
         )
     optim = config.optim
     assert optim.lr is not None

@@ -55,7 +55,7 @@ class Engine(Protocol):
     def load(self, directory: Path, model_state: dict[str, torch.Tensor]) -> None: ...
 
 
-def _classifier(module: nn.Module) -> nn.Linear:
+def classifier_of(module: nn.Module) -> nn.Linear:
     classifier = getattr(module, "classifier", None)
     if not isinstance(classifier, nn.Linear):
         raise TypeError(f"{type(module).__name__} has no nn.Linear 'classifier' attribute")
@@ -123,7 +123,7 @@ class DDPEngine:
 
     @contextlib.contextmanager
     def gathered_classifier(self) -> Iterator[nn.Linear]:
-        yield _classifier(self.module)
+        yield classifier_of(self.module)
 
     def full_model_state(self) -> dict[str, torch.Tensor] | None:
         return {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
@@ -214,7 +214,7 @@ class DeepSpeedEngine:
 
     @contextlib.contextmanager
     def gathered_classifier(self) -> Iterator[nn.Linear]:
-        classifier = _classifier(self.module)
+        classifier = classifier_of(self.module)
         if self.zero_stage == 3:
             # Collective: every rank enters, so W is whole on all of them inside.
             with self._deepspeed.zero.GatheredParameters(list(classifier.parameters())):

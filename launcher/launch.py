@@ -245,9 +245,9 @@ def _describe(config: RunConfig, plan: LaunchPlan) -> str:
             f"node of {launch.nnodes} x {launch.nproc_per_node} workers, rendezvous "
             f"{plan.elastic.rdzv_backend} at {plan.elastic.rdzv_endpoint}"
         )
-    engine = config.engine.name
+    engine: str = config.engine.name
     if engine == "deepspeed":
-        engine += f" ZeRO-{config.engine.zero_stage}"
+        engine = f"deepspeed ZeRO-{config.engine.zero_stage}"
     return (
         f"{where} on {launch.device}, {engine}, {config.optim.name} lr {config.optim.lr:g} "
         f"wd {config.optim.weight_decay:g}, {config.model.name} on {config.data.dataset}, "

@@ -548,7 +548,7 @@ class Trainer:
         if self.csv is not None:
             self.csv.write(row)
         if self.tensorboard is not None:
-            self.tensorboard.write_measurement(row, METRIC_KEYS)
+            self.tensorboard.write_measurement(row, (*METRIC_KEYS, "holdout_nc4"))
         self.latest_metrics = row
         if self.progress is not None:
             self.progress.epoch_done(epoch, train_scalars or {}, row)
