@@ -27,6 +27,9 @@ _BLOCK_ELEMENTS = 1 << 18
 _BLOCK_ELEMENTS_WIDE = 1 << 22
 # Up to this many classes, class sums are one one-hot matrix product.
 _ONE_HOT_MAX_CLASSES = 256
+# Counts received from elsewhere (a shard on the wire) are at most this: float64 holds every
+# integer up to it exactly, and int64 sums of a few hundred shards of it cannot overflow.
+MAX_COUNT = 2**53
 
 
 def block_rows(width: int, num_rows: int) -> int:
@@ -99,6 +102,12 @@ def _expect(arr: np.ndarray, name: str, shape: tuple[int, ...], kind: str) -> np
             raise MetricInputError(f"field '{name}' must be integer counts, got dtype {arr.dtype}")
         if arr.size and int(arr.min()) < 0:
             raise MetricInputError(f"field '{name}' has a negative count ({int(arr.min())})")
+        # Summed in float64, which cannot overflow, to bound the total as well as each count.
+        if arr.size and float(arr.sum(dtype=np.float64)) > MAX_COUNT:
+            raise MetricInputError(
+                f"field '{name}' counts {float(arr.sum(dtype=np.float64)):.6g} samples in "
+                f"total; at most 2**53 = {MAX_COUNT} allowed"
+            )
         return arr.astype(np.int64)
     if not np.issubdtype(arr.dtype, np.floating):
         raise MetricInputError(f"field '{name}' must be floating point, got dtype {arr.dtype}")
@@ -115,8 +124,8 @@ def _scalar_count(arrays: Mapping[str, np.ndarray], key: str, where: str) -> int
             f"field '{key}' must be one integer count, got shape {arr.shape} dtype {arr.dtype}"
         )
     value = int(arr.reshape(()))
-    if value < 0:
-        raise MetricInputError(f"field '{key}' must be >= 0, got {value}")
+    if not 0 <= value <= MAX_COUNT:
+        raise MetricInputError(f"field '{key}' must be in [0, 2**53 = {MAX_COUNT}], got {value}")
     return value
 
 
