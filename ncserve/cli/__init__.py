@@ -7,6 +7,7 @@ import click
 from ncserve import __version__
 from ncserve.cli.client_cmds import push, query, runs, watch
 from ncserve.cli.compute import compute
+from ncserve.cli.replay import replay
 from ncserve.cli.serve import serve
 
 
@@ -22,7 +23,7 @@ def cli() -> None:
 
 cli.add_command(compute)
 cli.add_command(serve)
-for _client_command in (runs, query, watch, push):
+for _client_command in (runs, query, watch, push, replay):
     cli.add_command(_client_command)
 
 
