@@ -97,8 +97,12 @@ def _read_token(path: Path) -> str:
     return token
 
 
-def make_client(opts: dict[str, Any]) -> NCClient:
-    """An NCClient from the connection options; UserError for every bad option."""
+def make_client(opts: dict[str, Any], spill_dir: Path | None = None) -> NCClient:
+    """An NCClient from the connection options; UserError for every bad option.
+
+    ``spill_dir``: a spool to replay (``ncserve replay``); commands that only query leave it
+    None.
+    """
     target = opts["target"]
     host, sep, port = target.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -118,7 +122,12 @@ def make_client(opts: dict[str, Any]) -> NCClient:
     try:
         # A CLI command reports an outage instead of queueing, so no replay thread.
         return NCClient(
-            target, token=token, tls=tls, deadline_s=opts["deadline"], replay_in_background=False
+            target,
+            token=token,
+            tls=tls,
+            deadline_s=opts["deadline"],
+            spill_dir=spill_dir,
+            replay_in_background=False,
         )
     except ValueError as error:
         raise UserError(str(error)) from None
