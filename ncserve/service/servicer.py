@@ -109,6 +109,11 @@ class ByteBudget:
                 self._cond.notify_all()
 
 
+def _round_name(value: int) -> str:
+    # A client may send any int32 in an enum field; Round.Name raises on undefined ones.
+    return pb.Round.Name(value) if value in pb.Round.values() else str(value)
+
+
 def _push_reply(result: PushResult) -> pb.PushReply:
     return pb.PushReply(
         run_id=result.run_id,
@@ -208,8 +213,8 @@ class NCServicer(pb_grpc.NCServiceServicer):
         header = first.header
         if header.round != round_:
             raise InvalidArgument(
-                f"header round={pb.Round.Name(header.round)} but this RPC is "
-                f"PushRound{round_} (round={pb.Round.Name(round_)})"
+                f"header round={_round_name(header.round)} but this RPC is "
+                f"PushRound{round_} (round={_round_name(round_)})"
             )
         tally = header.train_tally if header.HasField("train_tally") else None
         push = ShardPush(
