@@ -298,6 +298,15 @@ def resolve(config: RunConfig, *, cuda_available: bool, cpu_count: int | None = 
         resolved.run_dir = Path("runs") / resolved.run_id
     if launch.local_mode:
         world_size = resolved.world_size_local
+        if launch.device == "cuda":
+            import torch
+
+            gpus = torch.cuda.device_count()
+            if world_size > gpus:
+                raise ValueError(
+                    f"launch: {world_size} local workers (nodes x nproc-per-node) need one GPU "
+                    f"each, and {gpus} are visible; lower --nodes/--nproc-per-node or use cpu"
+                )
         per_rank, rest = divmod(resolved.train.batch_size, world_size)
         if rest or per_rank < 1:
             raise ValueError(
