@@ -28,6 +28,7 @@ from launcher.config import (
 from launcher.data import DATASET_NAMES
 from launcher.models import MODEL_NAMES
 from launcher.optim import OPTIMIZER_NAMES, SCHEDULE_NAMES
+from launcher.sweep import sweep_command
 from ncserve.errors import UserError
 
 _PATH = click.Path(path_type=Path)
@@ -549,6 +550,9 @@ def report_command(run_dir: Path) -> None:
     write_report(rows, folder.report_path)
     Console().print(summary_table(rows, folder.root))
     click.echo(f"wrote {folder.report_path}")
+
+
+main_group.add_command(sweep_command)
 
 
 def main() -> None:

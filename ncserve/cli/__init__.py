@@ -8,7 +8,9 @@ from ncserve import __version__
 from ncserve.cli.client_cmds import push, query, runs, watch
 from ncserve.cli.compute import compute
 from ncserve.cli.replay import replay
+from ncserve.cli.report import report
 from ncserve.cli.serve import serve
+from ncserve.cli.theory import theory_group
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -23,6 +25,8 @@ def cli() -> None:
 
 cli.add_command(compute)
 cli.add_command(serve)
+cli.add_command(report)
+cli.add_command(theory_group)
 for _client_command in (runs, query, watch, push, replay):
     cli.add_command(_client_command)
 

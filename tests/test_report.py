@@ -1,0 +1,187 @@
+"""ncserve report on run directories written here (no training): tables, theory, files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+from click.testing import CliRunner
+from PIL import Image
+
+from ncserve import theory
+from ncserve.cli import cli
+from ncserve.report import build_report, load_runs, nc0_prediction, write_report
+from ncserve.report.tables import final_rows, format_ratio, momentum_wd_grids, spearman
+
+STEPS_PER_EPOCH, EPOCHS, LR = 10, 4, 0.1
+
+
+def make_run(
+    root: Path,
+    name: str,
+    optimizer: str,
+    momentum: float,
+    wd: float,
+    *,
+    schedule: str = "constant",
+    final_acc: float = 1.0,
+    coupled_fraction: float | None = None,
+) -> Path:
+    """A run directory as nclaunch leaves it; sgd/sgdw nc0 follows the exact theory."""
+    run_dir = root / name
+    run_dir.mkdir(parents=True)
+    config = {
+        "run_id": name,
+        "model": {"name": "mlp"},
+        "data": {"dataset": "synthetic"},
+        "optim": {
+            "name": optimizer,
+            "lr": LR,
+            "momentum": momentum,
+            "weight_decay": wd,
+            "lr_schedule": schedule,
+            "coupled_fraction": coupled_fraction,
+        },
+        "train": {"epochs": EPOCHS},
+    }
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    total = STEPS_PER_EPOCH * EPOCHS
+    if optimizer in ("sgd", "sgdw"):
+        lrs = theory.lr_schedule(LR, schedule, total)
+        nc0 = 2.0 * np.abs(theory.nc0_factors(optimizer, lrs, momentum, wd))
+    else:
+        nc0 = 2.0 * np.linspace(1.0, 1.5, total + 1)
+    rows = []
+    for epoch in range(EPOCHS + 1):
+        step = epoch * STEPS_PER_EPOCH
+        rows.append(
+            {
+                "run_id": name,
+                "step": step,
+                "epoch": epoch,
+                "train_acc": None if epoch == 0 else final_acc * epoch / EPOCHS,
+                "nc0": float(nc0[step]),
+                "nc1": 1.0 / (1 + epoch),
+                "nc2": 0.5,
+                "nc3": 0.8 - 0.1 * epoch,
+                "nc4": 0.5 + 0.1 * epoch,
+                "accuracy": final_acc * epoch / EPOCHS,
+            }
+        )
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return run_dir
+
+
+@pytest.fixture
+def sweep_dir(tmp_path: Path) -> Path:
+    root = tmp_path / "sweep"
+    for momentum in (0.0, 0.9):
+        for wd in (0.05, 0.5):
+            make_run(root, f"sgd-m{momentum}-wd{wd}", "sgd", momentum, wd)
+    make_run(root, "sgdw-step", "sgdw", 0.9, 0.5, schedule="step")
+    make_run(root, "adamw", "adamw", 0.9, 0.05)
+    make_run(root, "adam-half", "adam", 0.9, 0.05, coupled_fraction=0.5, final_acc=0.5)
+    (root / "service").mkdir()  # a sweep's service folder is not a run
+    return root
+
+
+def test_runs_are_found_in_a_sweep_directory(sweep_dir: Path) -> None:
+    records = load_runs([sweep_dir, sweep_dir / "adamw", sweep_dir / "adamw" / "metrics.jsonl"])
+    assert len(records) == 7  # each run once
+    labels = {r.name: r.label for r in records}
+    assert labels["adam-half"] == "adam F=0.5"
+    assert all(r.steps_per_epoch == STEPS_PER_EPOCH for r in records)
+
+
+def test_final_table_and_theory(sweep_dir: Path) -> None:
+    records = load_runs([sweep_dir])
+    rows = {row.name: row for row in final_rows(records)}
+    # The study's order: sgd runs first, adam F=0.5 after adamw.
+    assert [r.label for r in final_rows(records)][:5] == ["sgd"] * 4 + ["sgdw"]
+    sgd = rows["sgd-m0.9-wd0.05"]
+    lrs = theory.lr_schedule(LR, "constant", STEPS_PER_EPOCH * EPOCHS)
+    want = abs(theory.sgd_nc0_factors(lrs, 0.9, 0.05)[-1])
+    assert sgd.cells["nc0"].ratio == pytest.approx(want, rel=1e-12)
+    assert sgd.predicted_nc0 == pytest.approx(sgd.cells["nc0"].final, rel=1e-12)
+    assert sgd.cells["nc3"].ratio == pytest.approx(0.4 / 0.8)
+    # The step schedule's milestones come from the planned length (epochs x steps per epoch).
+    sgdw = rows["sgdw-step"]
+    assert sgdw.predicted_nc0 == pytest.approx(sgdw.cells["nc0"].final, rel=1e-12)
+    assert rows["adamw"].predicted_nc0 is None
+    assert rows["adam-half"].coupled_fraction == 0.5
+
+
+def test_prediction_reaches_every_step(sweep_dir: Path) -> None:
+    record = load_runs([sweep_dir / "sgd-m0.0-wd0.5"])[0]
+    prediction = nc0_prediction(record)
+    assert prediction is not None and len(prediction.nc0) == STEPS_PER_EPOCH * EPOCHS + 1
+    for row in record.rows:
+        assert prediction.at(row["step"]) == pytest.approx(row["nc0"], rel=1e-12)
+    np.testing.assert_allclose(prediction.epochs[::STEPS_PER_EPOCH], np.arange(EPOCHS + 1))
+
+
+def test_momentum_weight_decay_grid(sweep_dir: Path) -> None:
+    grids = momentum_wd_grids(load_runs([sweep_dir]))
+    assert [g.label for g in grids] == ["sgd"]  # only sgd spans 2 momenta x 2 weight decays
+    grid = grids[0]
+    assert grid.momenta == [0.0, 0.9] and grid.weight_decays == [0.05, 0.5]
+    assert grid.predicted is not None
+    np.testing.assert_allclose(grid.measured, grid.predicted, rtol=1e-12)
+    assert grid.measured[1, 0] < grid.measured[0, 0]  # momentum speeds the decay up
+
+
+def test_spearman_and_ratio_format() -> None:
+    x = np.array([1.0, 2.0, 3.0, 4.0])
+    assert spearman(x, x**3) == pytest.approx(1.0)
+    assert spearman(x, -x) == pytest.approx(-1.0)
+    assert spearman(x, np.array([1.0, 1.0, 2.0, 2.0])) == pytest.approx(0.894427191)
+    assert spearman(x[:2], x[:2]) is None
+    assert format_ratio(2.1e-4) == "×2.1e-04" and format_ratio(0.5) == "×0.5"
+
+
+def _html_images(text: str) -> int:
+    return text.count('src="data:image/png;base64,')
+
+
+def test_png_and_html_reports(sweep_dir: Path, tmp_path: Path) -> None:
+    report = build_report(load_runs([sweep_dir]), title="unit sweep")
+    titles = [s.title for s in report.sections]
+    assert "Momentum x weight decay" in titles and "nc0 against nc3" in titles
+    png, html = tmp_path / "r.png", tmp_path / "r.html"
+    write_report(report, png)
+    write_report(report, html)
+    with Image.open(png) as image:
+        assert image.format == "PNG"
+    text = html.read_text()
+    assert _html_images(text) == 3  # curves, nc0-nc3, heatmap
+    assert "http://" not in text and "https://" not in text and "<script" not in text
+    assert "<td>adam F=0.5</td>" in text and "×" in text
+
+
+def test_min_train_acc_leaves_runs_out(sweep_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "r.html"
+    result = CliRunner().invoke(
+        cli, ["report", str(sweep_dir), "--out", str(out), "--min-train-acc", "0.99"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "6 run(s), 1 left out below --min-train-acc" in result.output
+    assert "<td>adam-half</td>" not in out.read_text()
+
+
+@pytest.mark.parametrize(
+    ("make_args", "message"),
+    [
+        (lambda d: [str(d / "missing"), "--out", str(d / "r.png")], "no such file or directory"),
+        (lambda d: [str(d), "--out", str(d / "r.png")], "no metrics.jsonl in it"),
+        (lambda d: [str(d), "--out", str(d / "r.pdf")], "must end in .png or .html"),
+    ],
+)
+def test_report_user_errors(tmp_path: Path, make_args: Any, message: str) -> None:
+    (tmp_path / "empty").mkdir()
+    result = CliRunner().invoke(cli, ["report", *make_args(tmp_path / "empty")])
+    assert result.exit_code == 2
+    assert message in result.output and "Traceback" not in result.output
