@@ -191,3 +191,13 @@ def test_metrics_file_survives_a_torn_line(tmp_path: Path) -> None:
     assert [r["step"] for r in folder.repair_metrics()] == [0]
     folder.append_metrics({"step": 8, "nc0": float("nan")})
     assert folder.read_metrics() == [{"step": 0, "nc0": 1.5}, {"step": 8, "nc0": None}]
+
+
+def test_export_and_report_errors_are_one_line(tmp_path: Path) -> None:
+    code, output = invoke("export-features", str(tmp_path), "--out", str(tmp_path / "f.npz"))
+    assert code == 2 and "is not an nclaunch run directory (no config.yaml)" in output
+    (tmp_path / "config.yaml").write_text("data: {dataset: digits}\n")
+    code, output = invoke("export-features", str(tmp_path), "--out", str(tmp_path / "f.npz"))
+    assert code == 2 and "no checkpoint in" in output and "Traceback" not in output
+    code, output = invoke("report", str(tmp_path))
+    assert code == 2 and "metrics.jsonl: no measurements" in output
