@@ -27,7 +27,9 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
+from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.elastic.rendezvous.api import RendezvousError
 from torch.distributed.launcher.api import LaunchConfig as ElasticLaunchConfig
 from torch.distributed.launcher.api import elastic_launch
 
@@ -214,6 +216,18 @@ def run(config: RunConfig, console: Console | None = None) -> int:
             highlight=False,
         )
         return 1
+    except (KeyboardInterrupt, SignalException) as err:
+        console.print(
+            f"[yellow]interrupted[/yellow] ({escape(str(err) or 'Ctrl-C')}); continue with: "
+            f"nclaunch --resume --run-dir {escape(str(run_dir.root))}",
+            highlight=False,
+        )
+        return 130
+    except RendezvousError as err:
+        raise LaunchError(
+            f"the workers could not meet at the rendezvous ({type(err).__name__}: {err}); "
+            f"check --rdzv-endpoint / --master-addr and that every node was started"
+        ) from err
     finally:
         if service is not None:
             service.stop()
