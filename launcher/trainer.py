@@ -23,7 +23,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -39,6 +39,9 @@ from launcher.report import TrainingProgress
 from launcher.rundir import RunDir
 from ncserve.metrics import METRIC_KEYS, nc0_from_weight
 from ncserve.track.sinks import CSVSink, TensorBoardSink
+
+if TYPE_CHECKING:
+    from ncserve.track import Tracker
 
 # Fault injection for the restart tests: "RANK:STEP" makes that rank SIGKILL itself
 # right after that optimizer step, on the first attempt only (elastic restarts skip it).
@@ -156,12 +159,11 @@ class Trainer:
         self.epoch = 0
         self.measured_steps: set[int] = set()
         self.latest_metrics: dict[str, Any] = {}
-        self.tracker: Any = None
+        self.tracker: Tracker | None = None
         self.csv: CSVSink | None = None
         self.tensorboard: TensorBoardSink | None = None
         self.progress: TrainingProgress | None = None
         self._fault = self._parse_fault()
-        self._started = time.time()
 
     # -- set-up ------------------------------------------------------------------------------
 
@@ -171,6 +173,11 @@ class Trainer:
         # torch's own collectives called by DeepSpeed warn about their renamed successors on
         # every call; the worker's console is the user's terminal.
         warnings.filterwarnings("ignore", message=r"`torch\.distributed\..*` is deprecated")
+        if config.train.deterministic:
+            # Read by cuBLAS when the CUDA context is created, so set before set_device.
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
+            torch.backends.cudnn.benchmark = False
         if config.launch.device == "cuda":
             self.device = torch.device("cuda", self.local_rank)
             torch.cuda.set_device(self.device)
@@ -180,10 +187,6 @@ class Trainer:
             backend = "gloo"
             # Workers share the machine's cores: more threads than cores per worker thrash.
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.local_world_size))
-        if config.train.deterministic:
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            torch.use_deterministic_algorithms(True)
-            torch.backends.cudnn.benchmark = False
         dist.init_process_group(
             backend,
             store=self._attempt_store(),
@@ -240,6 +243,12 @@ class Trainer:
         root = logging.getLogger()
         root.addHandler(handler)
         root.setLevel(logging.INFO)
+        if self.rank == 0:
+            # Warnings (e.g. the service not answering in time) also reach the terminal.
+            console = logging.StreamHandler()
+            console.setLevel(logging.WARNING)
+            console.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+            root.addHandler(console)
 
     def build(self) -> None:
         config, train = self.config, self.config.train
