@@ -243,3 +243,36 @@ def assert_stored_once(got: Stored, want: Stored, world_size: int) -> None:
             assert got.shards_per_step_round[(step, round_)] == world_size, (step, round_)
     assert got.scalars == want.scalars
     assert got.open_steps == 0
+
+
+def assert_service_stored_rows_once(
+    run_dir: Path, world_size: int, scenario: str | None = None
+) -> Stored:
+    """The run's service (embedded: ``RUN_DIR/service/ncserve.db``) stored every measured step
+    of metrics.jsonl exactly once, complete, with the values rank 0 wrote there, and counted
+    every rank's shard of it once; its database passes ``PRAGMA integrity_check``."""
+    import math
+
+    from ncserve.metrics import METRIC_KEYS
+
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    db = run_dir / "service" / "ncserve.db"
+    got = stored(db, rows[0]["run_id"])
+    assert sorted(got.measurements) == [row["step"] for row in rows]
+    assert set(got.rows_per_step.values()) == {1}
+    for row in rows:
+        measurement = got.measurements[row["step"]]
+        assert measurement["status"] == "complete", row["step"]
+        for key in METRIC_KEYS:
+            want, have = row[key], measurement["metrics"][key]
+            assert have == want or (math.isnan(have) and math.isnan(want)), (row["step"], key)
+        for round_ in (1, 2):
+            assert got.shards_per_step_round[(row["step"], round_)] == world_size
+    assert got.open_steps == 0
+    assert integrity(db) == "ok"
+    if scenario is not None:
+        record_figure(
+            scenario, steps_measured=len(rows), steps_stored=len(got.measurements),
+            stored_twice=0, integrity="ok",
+        )  # fmt: skip
+    return got

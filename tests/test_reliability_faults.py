@@ -7,6 +7,10 @@
   run without the fault), the ranks leave their calls in the run directory's spool, and
   ``ncserve replay RUN_DIR`` delivers every measurement once the service is back.
 
+Every service here requires a token; the run without the fault also goes over mutual TLS,
+so the comparison shows the secured path stores exactly what the others store, and its run
+directory, output and the service's log and /metrics are searched for the token.
+
 A worker killed mid-run (``--max-restarts 1``) is covered by tests/test_trainer_restart.py,
 which also checks that the service stored no measurement twice.
 """
@@ -34,6 +38,7 @@ from tests.reliability_support import (
     start_nclaunch,
     stored,
 )
+from tests.service_support import make_pki
 
 pytestmark = pytest.mark.slow
 
@@ -48,6 +53,14 @@ COMMON = (
     RUN_ID,
 )
 MEASURED_STEPS = [0, 8, 16, 24]
+TOKEN = "faults-token-5d41402abc4b2a76"
+
+
+@pytest.fixture(scope="module")
+def token_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("secrets") / "token"
+    path.write_text(TOKEN + "\n")
+    return path
 
 
 @dataclass(frozen=True)
@@ -55,6 +68,8 @@ class Reference:
     stored: Stored
     rows: list[dict[str, Any]]
     elapsed_s: float
+    run_dir: Path
+    texts: dict[str, str]  # what a run leaves readable: output, service log, /metrics
 
 
 def _timeless(row: dict[str, Any]) -> dict[str, Any]:
@@ -69,17 +84,29 @@ def _same_rows(got: list[dict[str, Any]], want: list[dict[str, Any]]) -> None:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory) -> Reference:
-    """The same run with the service up throughout."""
+def reference(tmp_path_factory: pytest.TempPathFactory, token_file: Path) -> Reference:
+    """The same run with the service up throughout, over mutual TLS with the token."""
     tmp = tmp_path_factory.mktemp("reference")
-    with Sidecar(tmp / "nc.db", tmp / "serve.log") as sidecar:
+    pki = make_pki().write(tmp)
+    tls = ("--tls-cert", str(pki["server_cert"]), "--tls-key", str(pki["server_key"]),
+           "--client-ca", str(pki["ca_cert"]))  # fmt: skip
+    client_tls = ("--sidecar-tls-ca", str(pki["ca_cert"]), "--sidecar-tls-cert",
+                  str(pki["client_cert"]), "--sidecar-tls-key", str(pki["client_key"]))  # fmt: skip
+    server_flags = (*tls, "--token-file", str(token_file))
+    with Sidecar(tmp / "nc.db", tmp / "serve.log", *server_flags) as sidecar:
         started = time.monotonic()
-        run_ok(*COMMON, "--sidecar", sidecar.target, "--run-dir", str(tmp / "run"))
+        run = run_ok(
+            *COMMON, *client_tls, "--sidecar", sidecar.target, "--sidecar-token-file",
+            str(token_file), "--run-dir", str(tmp / "run"),
+        )  # fmt: skip
         elapsed = time.monotonic() - started
+        scrape = sidecar.scrape()
         assert sidecar.stop() == 0
     want = stored(tmp / "nc.db", RUN_ID)
     assert sorted(want.measurements) == MEASURED_STEPS
-    return Reference(want, metrics(tmp / "run"), elapsed)
+    texts = {"nclaunch output": run.stdout + run.stderr, "service log": sidecar.log_path.read_text(),
+             "/metrics": scrape}  # fmt: skip
+    return Reference(want, metrics(tmp / "run"), elapsed, tmp / "run", texts)
 
 
 def _wait_for_step(db: Path, step: int, run: subprocess.Popen[bytes], log: Path) -> None:
@@ -101,10 +128,15 @@ def _local_fallbacks(run_dir: Path) -> int:
     return (run_dir / "logs" / "rank0.log").read_text().count("did not answer in time")
 
 
-def test_service_killed_and_restarted_mid_run(tmp_path: Path, reference: Reference) -> None:
+def test_service_killed_and_restarted_mid_run(
+    tmp_path: Path, reference: Reference, token_file: Path
+) -> None:
     db, run_dir, log = tmp_path / "nc.db", tmp_path / "run", tmp_path / "nclaunch.log"
-    sidecar = Sidecar(db, tmp_path / "serve.log").start()
-    run = start_nclaunch(log, *COMMON, "--sidecar", sidecar.target, "--run-dir", str(run_dir))
+    sidecar = Sidecar(db, tmp_path / "serve.log", "--token-file", str(token_file)).start()
+    run = start_nclaunch(
+        log, *COMMON, "--sidecar", sidecar.target, "--sidecar-token-file", str(token_file),
+        "--run-dir", str(run_dir),
+    )  # fmt: skip
     try:
         _wait_for_step(db, 0, run, log)
         sidecar.kill9()
@@ -135,11 +167,16 @@ def test_service_killed_and_restarted_mid_run(tmp_path: Path, reference: Referen
     )
 
 
-def test_service_down_for_the_whole_run(tmp_path: Path, reference: Reference) -> None:
+def test_service_down_for_the_whole_run(
+    tmp_path: Path, reference: Reference, token_file: Path
+) -> None:
     port = free_port()
     run_dir = tmp_path / "run"
     started = time.monotonic()
-    run_ok(*COMMON, "--sidecar", f"127.0.0.1:{port}", "--run-dir", str(run_dir))
+    run_ok(
+        *COMMON, "--sidecar", f"127.0.0.1:{port}", "--sidecar-token-file", str(token_file),
+        "--run-dir", str(run_dir),
+    )  # fmt: skip
     elapsed = time.monotonic() - started
     # Loose on purpose: the machine is shared. The figures go to docs/reliability.md.
     assert elapsed < 3 * reference.elapsed_s, (elapsed, reference.elapsed_s)
@@ -150,10 +187,11 @@ def test_service_down_for_the_whole_run(tmp_path: Path, reference: Reference) ->
     assert spooled, "nothing was left in the spool"
 
     db = tmp_path / "nc.db"
-    with Sidecar(db, tmp_path / "serve.log", port=port) as sidecar:
+    token = ("--token-file", str(token_file))
+    with Sidecar(db, tmp_path / "serve.log", *token, port=port) as sidecar:
         replayed = subprocess.run(
             [sys.executable, "-m", "ncserve", "replay", str(run_dir), "--target",
-             sidecar.target, "--format", "json", "--timeout", "120"],
+             sidecar.target, *token, "--format", "json", "--timeout", "120"],
             capture_output=True, text=True, timeout=180, check=False,
         )  # fmt: skip
         assert replayed.returncode == 0, replayed.stdout + replayed.stderr
@@ -179,3 +217,14 @@ def test_service_down_for_the_whole_run(tmp_path: Path, reference: Reference) ->
         steps_stored=len(got.measurements),
         identical=True,
     )
+
+
+def test_token_never_logged_or_exported_by_a_training_run(reference: Reference) -> None:
+    places = dict(reference.texts)
+    for path in sorted(reference.run_dir.rglob("*")):
+        if path.is_file():
+            places[str(path.relative_to(reference.run_dir))] = path.read_bytes().decode("latin1")
+    assert "config.yaml" in places and "logs/rank1.log" in places
+    leaks = [where for where, text in places.items() if TOKEN in text]
+    assert leaks == []
+    record_figure("token in a training run's files", files_searched=len(places), found=0)

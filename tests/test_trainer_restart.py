@@ -13,6 +13,7 @@ import pytest
 
 from launcher.trainer import FAULT_ENV
 from tests.launcher_support import TINY, cli, metrics, nclaunch, run_ok
+from tests.reliability_support import assert_service_stored_rows_once
 
 pytestmark = pytest.mark.slow
 
@@ -59,6 +60,10 @@ def test_killed_worker_restarts_from_checkpoint(
     # Measured before the kill: not measured (and stored) again after the restart.
     assert "step 24 already measured" in log0
     _same_measurements(metrics(run_dir), uninterrupted)
+    # The embedded service, which outlived the workers, stored no step twice.
+    assert_service_stored_rows_once(
+        run_dir, world_size=2, scenario="worker kill -9, elastic restart"
+    )
 
 
 def test_failed_run_continues_with_resume(
@@ -76,3 +81,4 @@ def test_failed_run_continues_with_resume(
     run_ok("--resume", "--run-dir", str(run_dir))
     assert "step 24 already measured" in (run_dir / "logs" / "rank0.log").read_text()
     _same_measurements(metrics(run_dir), uninterrupted)
+    assert_service_stored_rows_once(run_dir, world_size=2, scenario="worker kill -9, --resume")
