@@ -8,6 +8,7 @@ command line runs under Kubeflow's PyTorchJob/TrainJob or an Indexed Job.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -451,7 +452,36 @@ def preflight(config: RunConfig) -> None:
         raise UserError(f"optim ({'--optimizer'} {optim.name}): {err}") from None
 
 
+class OneLineErrorGroup(click.Group):
+    """A click group whose usage errors are one line (``Error: ...``), exit status 2.
+
+    Click would print the usage synopsis and a help hint above the message; a mistyped
+    value deserves the same single line as any other invalid configuration.
+    """
+
+    def main(  # type: ignore[override]
+        self,
+        args: list[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        try:
+            result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.ClickException as err:
+            click.echo(f"Error: {err.format_message()}", err=True)
+            sys.exit(err.exit_code)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        if standalone_mode:
+            sys.exit(result if isinstance(result, int) else 0)
+        return result
+
+
 @click.group(
+    cls=OneLineErrorGroup,
     invoke_without_command=True,
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )
