@@ -26,7 +26,7 @@ TINY = cli(
 
 
 def nclaunch(
-    *args: str, timeout: float = 240, env: dict[str, str] | None = None
+    *args: str, timeout: float = 480, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
     """Run ``nclaunch ARGS`` from the repository root; output captured as text."""
     full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1", **(env or {})}
