@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import yaml
 
-from launcher.rundir import ROW_KEYS
+from launcher.rundir import ROW_KEYS, tensorboard_available
 from ncserve.metrics import METRIC_KEYS
 from tests.launcher_support import REPO, cli, metrics, run_ok
 
@@ -27,11 +27,16 @@ pytestmark = pytest.mark.slow
 def test_default_four_node_run_matches_ncserve_compute(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     table = tmp_path / "measurements.csv"
+    events = tmp_path / "tensorboard"
+    # The exporters ride along when their optional package is there (the dev extra has it).
+    exporters = cli(f"--csv {table}")
+    if tensorboard_available():
+        exporters += cli(f"--tensorboard {events}")
     # The defaults (mnist5k, mlp, ddp, embedded service) on 4 simulated nodes; fewer epochs
     # and a held-out split keep it short and cover held-out accuracy.
     result = run_ok(
         *cli(f"--nodes 4 --optimizer adamw --epochs 2 --holdout 0.1 --run-dir {run_dir}"),
-        *cli(f"--csv {table}"),
+        *exporters,
         timeout=400,
     )
     assert "embedded ncserve on 127.0.0.1:" in result.stdout
@@ -55,6 +60,8 @@ def test_default_four_node_run_matches_ncserve_compute(tmp_path: Path) -> None:
     assert last["num_samples"] == 4500 and last["feature_dim"] == 512
     with table.open() as stream:
         assert [int(r["step"]) for r in csv.DictReader(stream)] == [0, 35, 70]
+    if tensorboard_available():
+        assert list(events.glob("events.out.tfevents.*")), "no TensorBoard event file"
 
     features = tmp_path / "features.npz"
     run_ok("export-features", str(run_dir), "--out", str(features))
