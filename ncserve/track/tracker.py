@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 # Keys of a measurement as the tracker returns it (the service's dict has more fields).
 RESULT_KEYS = (*METRIC_KEYS, "num_samples", "num_classes", "feature_dim")
 HOLDOUT_KEYS = ("holdout_nc4", "holdout_accuracy")
-_POLL_S = 0.02
+_POLL_S = 0.005
 
 
 class TrackerError(ValueError):
@@ -404,8 +404,8 @@ class Tracker:
             bias_K=b_K if self.rank == 0 else None,
             epoch=epoch,
         )
-        # Every rank's round 1 is in (or buffered) before anyone asks for the means.
-        self._barrier()
+        # The service holds the answer until every rank's round 1 is in, so no barrier is
+        # needed here; waiting for slower ranks is bounded by the deadline like any call.
         means: ClassMeans | None = self.client.fetch_class_means(
             self.run_id, step, timeout_s=self.deadline_s, rank=self.rank
         )
@@ -435,7 +435,6 @@ class Tracker:
             num_classes=K,
             feature_dim=self.feature_dim,
         )
-        self._barrier()
         metrics = None
         if not local and self.rank == 0:
             metrics = self._await_service_metrics(step)
