@@ -41,8 +41,14 @@ def run_engine(h, y, W, b, K):
     t2 = time.perf_counter()
     metrics = finalize(r1, r2, W, b)
     t3 = time.perf_counter()
-    return {"accumulate_s": t2 - t0, "round1_s": t1 - t0, "round2_s": t2 - t1,
-            "finalize_s": t3 - t2, "total_s": t3 - t0, "nc1": metrics["nc1"]}
+    return {
+        "accumulate_s": t2 - t0,
+        "round1_s": t1 - t0,
+        "round2_s": t2 - t1,
+        "finalize_s": t3 - t2,
+        "total_s": t3 - t0,
+        "nc1": metrics["nc1"],
+    }
 
 
 def run_pxp(h, y, W, b, K):
@@ -107,8 +113,10 @@ def main() -> None:
         return
     N = 20_000 if args.quick else 100_000
     print(f"N = {N:,}, float64 math, float32 features; times in seconds, memory in MB (peak RSS)")
-    header = f"{'case':<22}{'engine s':>10}{'p x p s':>10}{'speedup':>9}{'eng/matmul':>12}" \
-             f"{'eng MB':>9}{'pxp MB':>9}{'nc1 rel diff':>14}"
+    header = (
+        f"{'case':<22}{'engine s':>10}{'p x p s':>10}{'speedup':>9}{'eng/matmul':>12}"
+        f"{'eng MB':>9}{'pxp MB':>9}{'nc1 rel diff':>14}"
+    )
     print(header)
     for P, K in ((2048, 10), (2048, 100), (1024, 1000), (512, 20000)):
         eng = measure("engine", N, P, K)
@@ -118,12 +126,16 @@ def main() -> None:
         name = f"p={P} K={K}"
         if pxp:
             rel = abs(eng["nc1"] - pxp["nc1"]) / abs(pxp["nc1"])
-            print(f"{name:<22}{eng['total_s']:>10.2f}{pxp['total_s']:>10.2f}"
-                  f"{pxp['total_s'] / eng['total_s']:>8.1f}x{ratio:>12.2f}"
-                  f"{eng['peak_mb']:>9.0f}{pxp['peak_mb']:>9.0f}{rel:>14.1e}")
+            print(
+                f"{name:<22}{eng['total_s']:>10.2f}{pxp['total_s']:>10.2f}"
+                f"{pxp['total_s'] / eng['total_s']:>8.1f}x{ratio:>12.2f}"
+                f"{eng['peak_mb']:>9.0f}{pxp['peak_mb']:>9.0f}{rel:>14.1e}"
+            )
         else:
-            print(f"{name:<22}{eng['total_s']:>10.2f}{'-':>10}{'-':>9}{ratio:>12.2f}"
-                  f"{eng['peak_mb']:>9.0f}{'-':>9}{'-':>14}")
+            print(
+                f"{name:<22}{eng['total_s']:>10.2f}{'-':>10}{'-':>9}{ratio:>12.2f}"
+                f"{eng['peak_mb']:>9.0f}{'-':>9}{'-':>14}"
+            )
         sys.stdout.flush()
     print("eng/matmul: engine accumulate time (both rounds) / one N x p by p x K float64 product")
 

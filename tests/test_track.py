@@ -81,8 +81,9 @@ def test_service_down_measures_locally_and_replays(tmp_path):
     torch.manual_seed(1)
     net = Net()
     x, y = make_data(seed=3)
-    tracker = Tracker(net, target=f"127.0.0.1:{port}", run_id="down", run_dir=tmp_path,
-                      deadline_s=0.5)
+    tracker = Tracker(
+        net, target=f"127.0.0.1:{port}", run_id="down", run_dir=tmp_path, deadline_s=0.5
+    )
     got = tracker.measure(batches(x, y), step=5, epoch=1)
     assert tracker.local_fallbacks == 1
     want = reference(net, x, y)

@@ -63,9 +63,12 @@ def compute_from_files(paths: list[Path]) -> dict[str, float]:
             raise UserError(
                 f"{path}: 'weight' differs from {paths[0]}; shards of one dataset share W"
             )
-        if (shard.bias_K is None) != (first.bias_K is None) or (
-            shard.bias_K is not None and not np.array_equal(shard.bias_K, first.bias_K)
-        ):
+        same_bias = (
+            shard.bias_K is None
+            if first.bias_K is None
+            else shard.bias_K is not None and np.array_equal(shard.bias_K, first.bias_K)
+        )
+        if not same_bias:
             raise UserError(f"{path}: 'bias' differs from {paths[0]}")
         try:
             r1 = r1.merge(round1_stats(shard.features_NP, shard.labels_N, K))
