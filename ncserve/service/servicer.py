@@ -277,7 +277,16 @@ class NCServicer(pb_grpc.NCServiceServicer):
             )
         except ServiceError as exc:
             _abort(context, exc)
-        yield from self._encoded_means(request.run_id, request.step, means)
+        chunks = self._encoded_means(request.run_id, request.step, means)
+        size = sum(len(c.piece.data) for c in chunks if c.HasField("piece"))
+        # All ranks of a step are answered at once, when its round 1 completes, and each
+        # answer is a serialized copy until its client has read it: held in the in-flight
+        # budget, those copies stay bounded whatever the number of ranks.
+        try:
+            with self._budget.hold(size, context.time_remaining()):
+                yield from chunks
+        except ServiceError as exc:
+            _abort(context, exc)
 
     def _encoded_means(self, run_id: str, step: int, means: ClassMeans) -> list[pb.TensorChunk]:
         key = (run_id, step)
