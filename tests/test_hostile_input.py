@@ -288,7 +288,8 @@ def tensor_mutation(draw: st.DrawFn, req: Request, round_: int) -> None:
         value[draw(st.integers(0, K - 1))] = 0
         arrays["counts"] = value
     elif kind == "agree":
-        arrays[name] = np.int64(draw(st.integers(int(arrays["num_samples"]) + 1, 2**53)))
+        n = int(arrays["num_samples"])
+        arrays[name] = np.asarray(draw(st.integers(n + 1, 2**53)), dtype=np.int64)
     else:
         unknown = draw(st.text(min_size=1, max_size=20))
         known = {"counts", "sums", "sq_dev", "weight", "bias", "num_samples", "scatter",
@@ -372,7 +373,9 @@ def stream_mutation(draw: st.DrawFn, req: Request) -> None:
         elif kind == "offset":
             piece.offset += int(rng.integers(1, 2**40))
         elif kind == "piece_dtype":
-            piece.dtype = int(rng.choice([d for d in range(-3, 8) if d != piece.dtype]))
+            # Undefined enum values included: any int32 is legal on the wire.
+            undefined: Any = int(rng.choice([d for d in range(-3, 8) if d != piece.dtype]))
+            piece.dtype = undefined
         elif kind == "piece_shape":
             old = tuple(piece.shape)
             new = old

@@ -143,7 +143,8 @@ def test_service_killed_and_restarted_mid_run(
         killed = time.monotonic()
         # The crash leaves a database SQLite can open and check (its WAL is recovered).
         assert integrity(db) == "ok"
-        time.sleep(1.0)
+        # Down longer than the ranks' --deadline: calls are buffered, not just retried.
+        time.sleep(3.0)
         sidecar.start()  # same port, same database
         down_s = time.monotonic() - killed
         assert run.wait(240) == 0, log.read_text()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -238,7 +239,7 @@ def test_serve_limits_answer_resource_exhausted(tmp_path: Path) -> None:
             push_round1(stub, "run", 1, data, 0)
             refused: dict[str, str] = {}
 
-            def exhausted(what: str, call) -> None:  # type: ignore[no-untyped-def]
+            def exhausted(what: str, call: Callable[[], object]) -> None:
                 with pytest.raises(grpc.RpcError) as info:
                     call()
                 assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, info.value
