@@ -152,20 +152,21 @@ def _gram_etf_distance(x_KP: np.ndarray) -> float:
 def _nc1(mubar_KP: np.ndarray, r2: Round2Stats, num_samples: int) -> float:
     """Tr(Sigma_W Sigma_B^+) / K from the shipped scatter, through the SVD of M."""
     K, P = mubar_KP.shape
-    # mubar_KP = V S U^T, i.e. M = U S V^T (thin SVD, float64).
-    v_KR, s_R, ut_RP = np.linalg.svd(mubar_KP, full_matrices=False)
+    # M = U S V^T (mubar_KP = V S U^T). Only the singular vectors on the small side are
+    # needed (V when K <= P, U when K > P): a QR of the tall orientation reduces M to its
+    # d x d triangle R with the same singular values, whose SVD gives them (d = min(K, P)).
+    tall = mubar_KP.T if K <= P else mubar_KP
+    _, s_R, vt_RR = np.linalg.svd(np.linalg.qr(tall, mode="r"))
     keep = s_R > rank_tolerance(s_R, (K, P))
     if not keep.any():
         return math.nan
     s = s_R[keep]
+    small = vt_RR[keep].T
+    quad = np.einsum("ai,ab,bi->i", small, r2.scatter, small) / num_samples
     if K <= P:
         # nc1 = sum_i v_i^T (G/N) v_i / s_i^4, with G the K x K projected scatter.
-        v = v_KR[:, keep]
-        quad = np.einsum("ki,kl,li->i", v, r2.scatter, v) / num_samples
         return float(np.sum(quad / s**4))
     # nc1 = sum_i u_i^T (S/N) u_i / s_i^2, with S the P x P centered scatter.
-    u = ut_RP[keep].T
-    quad = np.einsum("pi,pq,qi->i", u, r2.scatter, u) / num_samples
     return float(np.sum(quad / s**2))
 
 
