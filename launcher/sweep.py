@@ -48,11 +48,14 @@ from typing import IO, Any
 
 import click
 import yaml
+from pydantic import ValidationError
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from launcher.config import RunConfig, describe_validation_error, load_yaml, resolve, to_yaml
+from launcher.rundir import RunDir, write_atomic
 from ncserve.errors import UserError
 
 GRID_KEYS: tuple[str, ...] = ("base", "axes", "groups")
@@ -99,7 +102,7 @@ class PlannedRun:
 
     name: str
     settings: dict[str, Any]  # path -> value, as the grid gives them
-    config: Any  # launcher.config.RunConfig, resolved
+    config: RunConfig  # resolved
 
     @property
     def epochs(self) -> int:
@@ -134,7 +137,7 @@ class SweepPlan:
 
 def option_paths() -> dict[str, str]:
     """Every nclaunch option name (without dashes, '-' for '_') -> its config path."""
-    from launcher.cli import FLAGS
+    from launcher.cli import FLAGS  # lazily: launcher.cli imports this module
 
     names: dict[str, str] = {}
     for flag in FLAGS:
@@ -148,8 +151,6 @@ def option_paths() -> dict[str, str]:
 
 def setting_path(key: str, where: str) -> str:
     """The config path a grid key names: an option name (lr, --weight-decay) or a path."""
-    from launcher.config import RunConfig
-
     if not isinstance(key, str) or not key:
         raise UserError(f"{where}: setting names are strings, got {key!r}")
     paths = option_paths()
@@ -177,8 +178,6 @@ def setting_path(key: str, where: str) -> str:
 
 
 def _default_at(path: str) -> Any:
-    from launcher.config import RunConfig
-
     value: Any = RunConfig()
     for part in path.split("."):
         value = getattr(value, part)
@@ -200,8 +199,6 @@ def _coerce(path: str, value: Any) -> Any:
 
 def _flatten_base(base: Any, where: str) -> dict[str, Any]:
     """``base`` as path -> value: option names, config paths or whole sections."""
-    from launcher.config import RunConfig
-
     if base is None:
         return {}
     if not isinstance(base, dict):
@@ -322,13 +319,14 @@ def plan_sweep(
 ) -> SweepPlan:
     """Every run of the grid, validated and named; duplicates (same settings) once."""
     import torch
-    from pydantic import ValidationError
 
-    from launcher.cli import FLAG_BY_PATH, preflight
-    from launcher.config import RunConfig, describe_validation_error, resolve
+    from launcher.cli import FLAG_BY_PATH, preflight  # lazily: launcher.cli imports us
 
     base, groups = load_grid(grid_path)
-    base = {**base, **(overrides or {})}
+    overrides = overrides or {}
+    base = {**base, **overrides}
+    # An override of an axis pins it to that one value (e.g. one dataset of a paper grid).
+    groups = [{p: ([overrides[p]] if p in overrides else v) for p, v in g.items()} for g in groups]
     combos: list[dict[str, Any]] = []
     seen: set[str] = set()
     for group in groups:
@@ -392,8 +390,6 @@ NEW, UNFINISHED, DONE = "new", "unfinished", "done"
 
 def run_state(plan: SweepPlan, run: PlannedRun) -> str:
     """new (nothing there), unfinished (config.yaml, no final measurement) or done."""
-    from launcher.rundir import RunDir
-
     folder = RunDir(plan.run_dir(run))
     if not folder.config_path.is_file():
         return NEW
@@ -405,8 +401,6 @@ def run_state(plan: SweepPlan, run: PlannedRun) -> str:
 
 def check_same_settings(plan: SweepPlan, run: PlannedRun) -> None:
     """An existing run directory must hold the run this grid describes."""
-    from launcher.config import load_yaml, to_yaml
-
     saved_path = plan.run_dir(run) / "config.yaml"
     try:
         saved = load_yaml(saved_path)
@@ -429,8 +423,6 @@ def check_same_settings(plan: SweepPlan, run: PlannedRun) -> None:
 
 
 def _last_row(run_dir: Path) -> dict[str, Any]:
-    from launcher.rundir import RunDir
-
     rows = RunDir(run_dir).read_metrics()
     return rows[-1] if rows else {}
 
@@ -624,7 +616,7 @@ class SweepProgress:
 
     def refresh(self) -> None:
         if self.live is not None:
-            self.live.update(self._render())
+            self.live.update(self._render(), refresh=True)
 
     def _say(self, message: str) -> None:
         if self.live is not None:
@@ -688,8 +680,6 @@ def sweep_lock(out_dir: Path) -> Iterator[None]:
 
 
 def _write_plan(plan: SweepPlan) -> None:
-    from launcher.rundir import write_atomic
-
     document = {
         "grid_file": str(plan.grid_path),
         "grid": yaml.safe_load(plan.grid_path.read_text()),
@@ -702,8 +692,6 @@ def _write_plan(plan: SweepPlan) -> None:
 def _start(
     plan: SweepPlan, run: PlannedRun, target: str | None, resume: bool, gpu: str | None
 ) -> ActiveRun:
-    from launcher.rundir import write_atomic
-
     run_dir = plan.run_dir(run)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(
@@ -883,8 +871,9 @@ def _parse_gpus(value: str | None) -> list[str] | None:
     "sets",
     multiple=True,
     metavar="KEY=VALUE",
-    help="Override a base setting for every run, e.g. --set data-dir=/data "
-    "(repeatable; VALUE is read as YAML).",
+    help="Set a value for every run, over the grid's base and axes (an axis set this way "
+    "has that one value), e.g. --set data-dir=/data --set dataset=cifar10 (repeatable; "
+    "VALUE is read as YAML).",
 )
 @click.option(
     "--dry-run",

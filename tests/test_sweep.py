@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 from click.testing import CliRunner
 from PIL import Image
+from rich.console import Console
 
 from launcher.cli import main_group
 from launcher.sweep import (
     DONE,
     NEW,
     UNFINISHED,
+    ActiveRun,
+    SweepProgress,
     load_grid,
     nclaunch_command,
     plan_sweep,
@@ -85,6 +92,31 @@ def test_plan_names_runs_after_the_values_that_vary(tmp_path: Path) -> None:
     assert command[command.index("--sidecar") + 1] == "127.0.0.1:5"
     assert command[command.index("--run-id") + 1] == run.name
     assert "--resume" not in command
+
+
+def test_set_pins_an_axis(tmp_path: Path) -> None:
+    grid = write_grid(
+        tmp_path / "grid.yaml",
+        {"base": TINY_BASE, "axes": {"optimizer": ["sgd", "sgdw"], "lr": [0.1, 0.2]}},
+    )
+    result = CliRunner().invoke(
+        main_group,
+        [
+            "sweep",
+            str(grid),
+            "--out",
+            str(tmp_path / "out"),
+            "--dry-run",
+            "--set",
+            "lr=0.3",
+            "--set",
+            "seed=4",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "2 run(s)" in result.output
+    assert "sgd " in result.output and "sgdw " in result.output  # named by what still varies
+    assert not (tmp_path / "out").exists()  # a dry run writes nothing
 
 
 def test_run_states_and_resume_command(tmp_path: Path) -> None:
@@ -204,3 +236,25 @@ def test_report_of_the_sweep(finished_sweep: tuple[Path, Path, str], suffix: str
         assert f"<td>{name}</td>" in text
     # The sgd runs carry the exact nc0 next to the measured one.
     assert "nc0 exact" in text
+
+
+def test_progress_view_on_a_terminal(tmp_path: Path) -> None:
+    grid = write_grid(tmp_path / "grid.yaml", {"base": TINY_BASE, "axes": {"lr": [0.1, 0.2]}})
+    plan = plan_sweep(grid, tmp_path / "out")
+    run = plan.runs[0]
+    plan.run_dir(run).mkdir(parents=True)
+    row = {"step": 8, "epoch": 1, "train_acc": 0.625, "nc0": 0.75}
+    (plan.run_dir(run) / "metrics.jsonl").write_text(json.dumps(row) + "\n")
+    screen = io.StringIO()
+    console = Console(file=screen, force_terminal=True, width=120, color_system=None)
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    with (tmp_path / "log").open("ab") as log, SweepProgress(plan, console, 2, 0) as progress:
+        active = ActiveRun(run, process, log, time.monotonic(), None, resumed=False)
+        progress.started_run(active)
+        running = screen.getvalue()
+        progress.ended_run(active, 0)
+    text = screen.getvalue()
+    assert "starting lr0.1" in text and "finished lr0.1" in text
+    assert "1/2 done, 0 running, 1 left" in text
+    assert "62.5%" in running and "1/2" in running  # the running table: epoch, train acc

@@ -13,12 +13,14 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from ncserve.report.figures import (
+    compact_png,
     correlation_figure,
     curves_figure,
     heatmap_figure,
     png_bytes,
     table_cells,
     table_figure,
+    title_figure,
 )
 from ncserve.report.runs import NC0Prediction, RunRecord, nc0_prediction
 from ncserve.report.tables import (
@@ -132,7 +134,16 @@ def build_report(
 
 def write_png(report: Report, path: Path) -> None:
     """Every section's image stacked top to bottom on a white page."""
-    images = [Image.open(io.BytesIO(s.png)).convert("RGB") for s in report.sections]
+    note = f"{len(report.records)} run(s)" + (
+        f"; {len(report.excluded)} left out below the train-accuracy threshold"
+        if report.excluded
+        else ""
+    )
+    heading = png_bytes(title_figure(report.title, note))
+    images = [
+        Image.open(io.BytesIO(data)).convert("RGB")
+        for data in (heading, *(s.png for s in report.sections))
+    ]
     width = max(image.width for image in images)
     height = sum(image.height for image in images)
     page = Image.new("RGB", (width, height), "white")
@@ -140,7 +151,9 @@ def write_png(report: Report, path: Path) -> None:
     for image in images:
         page.paste(image, (0, top))
         top += image.height
-    page.save(path, format="PNG", optimize=True)
+    buffer = io.BytesIO()
+    page.save(buffer, format="PNG")
+    path.write_bytes(compact_png(buffer.getvalue()))
 
 
 _CSS = """
