@@ -345,3 +345,45 @@ def test_disk_full_then_space_returns(tmp_path: Path) -> None:
         assert error.startswith("Error: ") and str(db) in error, refused_start.stderr
         assert integrity(db) == "ok"
         record_figure("read-only database at start", exit_status=2, message=error)
+
+
+def test_replay_reports_what_it_could_not_deliver(tmp_path: Path) -> None:
+    # A spool left by a rank that never reached the service.
+    client = NCClient(f"127.0.0.1:{free_port()}", deadline_s=0.2, retry=FAST,
+                      spill_dir=tmp_path / "spool" / "rank0")  # fmt: skip
+    data = step_data(0)
+    h, y = data.shards[0]
+    assert not client.register_run("run", K, P, 1)
+    assert not client.push_round1("run", 0, 0, round1_stats(h, y, K), data.weight_KP)
+    assert client.close(timeout_s=0).persisted
+    runner = CliRunner()
+    nowhere = ["--target", f"127.0.0.1:{free_port()}", "--deadline", "0.2", "--timeout", "1"]
+
+    unreachable = runner.invoke(cli, ["replay", str(tmp_path), *nowhere])
+    assert unreachable.exit_code == 1, unreachable.output
+    lines = unreachable.output.strip().splitlines()
+    assert lines[0].endswith("2 found, 0 delivered, 2 left, 0 rejected, 0 dropped")
+    assert lines[1:3] == [
+        "  left: register_run run=run",
+        "  left: round1 run=run step=0 rank=0 round=1",
+    ]
+    assert lines[-1] == "Error: 2 of 2 calls were not delivered (left in the spool: 2)"
+    assert len(list((tmp_path / "spool" / "rank0").glob("*.spool"))) == 2  # kept for later
+
+    helped = runner.invoke(cli, ["replay", "--help"])
+    assert helped.exit_code == 0
+    for option in ("--timeout", "--format", "--target", "--token-file", "--deadline"):
+        assert option in helped.output
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    refused = runner.invoke(cli, ["replay", str(empty), *nowhere])
+    assert refused.exit_code == 2 and refused.output.startswith("Error: ")
+    assert "not a run directory" in refused.output and len(refused.output.splitlines()) == 1
+
+    holder = NCClient(f"127.0.0.1:{free_port()}", spill_dir=tmp_path / "spool" / "rank0")
+    try:
+        busy = runner.invoke(cli, ["replay", str(tmp_path), *nowhere])
+    finally:
+        holder.close(timeout_s=0)
+    assert busy.exit_code == 2 and "in use by another process" in busy.output
+    assert len(busy.output.strip().splitlines()) == 1 and "Traceback" not in busy.output
