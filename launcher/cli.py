@@ -314,6 +314,14 @@ FLAGS: tuple[Flag, ...] = (
         click.FloatRange(min=0, min_open=True),
     ),
     Flag(
+        ("--buffer-mb",),
+        "tracking.buffer_mb",
+        "MiB of undelivered measurements each rank keeps while the service is unreachable "
+        "(in memory, then spilled to RUN_DIR/spool); past it later ones are dropped and "
+        "reported by step and rank.",
+        click.FloatRange(min=0, min_open=True),
+    ),
+    Flag(
         ("--tensorboard",),
         "tracking.tensorboard",
         "Also write TensorBoard event files to this folder.",

@@ -191,6 +191,11 @@ class TrackingConfig(_Section):
     tls_cert: Path | None = Field(None, description="client certificate (mTLS)")
     tls_key: Path | None = Field(None, description="client key (mTLS)")
     deadline_s: float = Field(5.0, gt=0, description="per-call deadline towards the service")
+    buffer_mb: float = Field(
+        256.0,
+        gt=0,
+        description="most MiB of undelivered pushes a rank keeps (memory, then spool on disk)",
+    )
     tensorboard: Path | None = Field(None, description="also write TensorBoard events here")
     csv: Path | None = Field(None, description="also append measurements to this CSV")
 

@@ -365,6 +365,7 @@ class Trainer:
             token=token,
             tls=tls,
             deadline_s=tracking.deadline_s,
+            max_buffer_bytes=int(tracking.buffer_mb * (1 << 20)),
         )
 
     def maybe_resume(self) -> None:

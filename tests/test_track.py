@@ -136,3 +136,29 @@ def test_two_gloo_ranks_equal_the_whole_dataset(tmp_path):
             result["reference"][key], rel=1e-9, abs=1e-12
         ), key
     assert np.isclose(result["metrics"]["num_samples"], 160)
+
+
+def test_buffer_bound_reports_exactly_what_was_dropped(tmp_path):
+    """Service down and a small buffer: later measurements are dropped and named, not lost silently."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.manual_seed(2)
+    net = Net(p=64, k=4)
+    x, y = make_data(seed=4)
+    tracker = Tracker(
+        net,
+        target=f"127.0.0.1:{port}",
+        run_id="bounded",
+        run_dir=tmp_path,
+        deadline_s=0.2,
+        max_buffer_bytes=24 << 10,
+    )
+    for step in range(6):
+        assert tracker.measure(batches(x, y), step=step) is not None
+    report = tracker.close(timeout_s=0.2)
+    dropped_steps = sorted({entry.key.step for entry in report.dropped})
+    kept_steps = sorted({key.step for key in report.buffered if key.step is not None})
+    assert dropped_steps, report.summary()
+    assert kept_steps and set(kept_steps).isdisjoint(dropped_steps)
+    assert set(kept_steps) | set(dropped_steps) == set(range(6))

@@ -96,6 +96,9 @@ class Tracker:
             embedded service keeps its database.
         token, tls: credentials for the service.
         deadline_s: the longest any call to the service may hold up training.
+        max_buffer_bytes: undelivered pushes this rank keeps while the service is
+            unreachable (in memory, then spilled to ``run_dir``); past it the client drops
+            and reports them by (step, rank, round).
         rank, world_size: default from torch.distributed (0 and 1 when not initialised).
         csv: also append every measurement (step, epoch, scalars, metrics) to this CSV file.
         tensorboard: also write TensorBoard event files to this folder: each measurement
@@ -117,6 +120,7 @@ class Tracker:
         token: str | None = None,
         tls: TLSConfig | None = None,
         deadline_s: float = 5.0,
+        max_buffer_bytes: int = 256 << 20,
         rank: int | None = None,
         world_size: int | None = None,
         csv: str | Path | None = None,
@@ -167,6 +171,7 @@ class Tracker:
             tls=tls,
             deadline_s=self.deadline_s,
             spill_dir=self.run_dir / "spool" / f"rank{self.rank}",
+            max_buffer_bytes=max_buffer_bytes,
         )
         self.client.register_run(
             run_id, self.num_classes, self.feature_dim, self.world_size, dict(metadata or {})
