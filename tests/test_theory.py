@@ -146,9 +146,12 @@ def test_ufm_coupled_rises_then_falls() -> None:
 
 
 def test_ufm_reports_softmax_underflow() -> None:
-    lrs = theory.lr_schedule(0.01, "constant", 60_000)
+    # λ = 5e-4 lets the logit gap grow to ~4,000: the off-class softmax underflows.
+    lrs = theory.lr_schedule(0.1, "constant", 6_000)
     result = theory.simulate_ufm_signgd(10, lrs, 5e-4, coupled=False)
     assert result.saturated_step is not None
+    closed = theory.ufm_decoupled_closed_form(10, 0.1, 5e-4, 6_000)
+    assert result.nc0[-1] < 0.9 * closed[-1]  # from there on the closed form no longer holds
 
 
 def _invoke(*args: str) -> str:

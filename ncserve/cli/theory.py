@@ -375,7 +375,8 @@ def ufm_command(
     at 0 and only W is trained on the mean cross-entropy over the K samples. Next to the
     simulation: the decoupled closed form nc0_t = √K·(K−2)·(1 − (1−ηλ)^t)/λ, which rises
     to √K·(K−2)/λ (with a schedule, its exact generalization a_t = (1 − η_tλ)a_{t−1} + η_t).
-    Coupled weight decay rises, then falls and oscillates; a decaying lr takes it to 0.
+    With coupled weight decay nc0 rises, then falls and oscillates; a decaying lr
+    takes it to 0.
 
     \b
     Example:  ncserve theory ufm --optimizer signgd-decoupled --num-classes 10 \\
