@@ -162,3 +162,29 @@ def test_buffer_bound_reports_exactly_what_was_dropped(tmp_path):
     assert dropped_steps, report.summary()
     assert kept_steps and set(kept_steps).isdisjoint(dropped_steps)
     assert set(kept_steps) | set(dropped_steps) == set(range(6))
+
+
+def test_measuring_a_stored_step_again_returns_the_stored_measurement(tmp_path):
+    """A resumed run re-measures a step the service finalized before the crash."""
+    torch.manual_seed(5)
+    net = Net()
+    x, y = make_data(seed=6)
+    server = start_server(ServerConfig(listen="127.0.0.1:0", db_path=tmp_path / "db.sqlite"))
+    try:
+        first = Tracker(net, target=server.address, run_id="again", run_dir=tmp_path / "a")
+        stored = first.measure(batches(x, y), step=7)
+        first.close()
+        with torch.no_grad():  # the model moved on: a second measurement would differ
+            net.head.weight.add_(0.5)
+        second = Tracker(net, target=server.address, run_id="again", run_dir=tmp_path / "b")
+        again = second.measure(batches(x, y), step=7)
+        second.close()
+        from ncserve.client import NCClient
+
+        with NCClient(server.address) as client:
+            rows = client.get_metrics("again", all_steps=True)
+    finally:
+        server.stop(grace_s=1)
+    assert [row["step"] for row in rows] == [7]
+    for key in METRIC_KEYS:
+        assert again[key] == pytest.approx(stored[key], rel=1e-12, abs=1e-15), key

@@ -78,6 +78,13 @@ def _split_batch(batch: Any) -> tuple[Any, torch.Tensor]:
     raise TrackerError(f"a batch must be (inputs, labels) or a mapping, got {type(batch).__name__}")
 
 
+def _is_finalized(error: ServiceError) -> bool:
+    """The service refused a push because the step is already finalized (or taken)."""
+    return error.code.name == "ALREADY_EXISTS" or (
+        error.code.name == "FAILED_PRECONDITION" and "already finalized" in error.details
+    )
+
+
 def _is_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 
@@ -400,20 +407,31 @@ class Tracker:
         h_NP, y_N = self.features(loader)
         w_KP, b_K = self.classifier_arrays()
         r1 = round1_stats(h_NP, y_N, K)
-        self.client.push_round1(
-            self.run_id,
-            step,
-            self.rank,
-            r1,
-            weight_KP=w_KP if self.rank == 0 else None,
-            bias_K=b_K if self.rank == 0 else None,
-            epoch=epoch,
-        )
-        # The service holds the answer until every rank's round 1 is in, so no barrier is
-        # needed here; waiting for slower ranks is bounded by the deadline like any call.
-        means: ClassMeans | None = self.client.fetch_class_means(
-            self.run_id, step, timeout_s=self.deadline_s, rank=self.rank
-        )
+        means: ClassMeans | None = None
+        stored = False
+        try:
+            self.client.push_round1(
+                self.run_id,
+                step,
+                self.rank,
+                r1,
+                weight_KP=w_KP if self.rank == 0 else None,
+                bias_K=b_K if self.rank == 0 else None,
+                epoch=epoch,
+            )
+            # The service holds the answer until every rank's round 1 is in, so no barrier
+            # is needed; waiting for slower ranks is bounded by the deadline like any call.
+            means = self.client.fetch_class_means(
+                self.run_id, step, timeout_s=self.deadline_s, rank=self.rank
+            )
+        except ServiceError as error:
+            # A run resumed after a crash between the service's finalize and its own record
+            # of the step: the service keeps the measurement it has; it is not taken twice.
+            if not _is_finalized(error):
+                raise
+            stored = True
+        if self._all_true(not stored) is False:
+            return self._stored_metrics(step) if self.rank == 0 else None
         local = not self._all_true(means is not None)
         r1_all: list[Round1Stats] | None = None
         if local:
@@ -477,6 +495,16 @@ class Tracker:
             self.tensorboard.write_measurement(
                 row, (*METRIC_KEYS, *HOLDOUT_KEYS), scalar_keys=tuple(scalars)
             )
+
+    def _stored_metrics(self, step: int) -> dict[str, float]:
+        metrics = self._await_service_metrics(step)
+        if metrics is None:
+            raise TrackerError(
+                f"step {step} of run {self.run_id!r} was refused as already measured, but the "
+                "service holds no complete measurement of it"
+            )
+        log.info("step %d was already measured; using the stored measurement", step)
+        return metrics
 
     def _await_service_metrics(self, step: int) -> dict[str, float] | None:
         deadline = time.monotonic() + self.deadline_s
