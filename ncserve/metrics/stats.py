@@ -27,6 +27,8 @@ _BLOCK_ELEMENTS = 1 << 18
 _BLOCK_ELEMENTS_WIDE = 1 << 22
 # Up to this many classes, class sums are one one-hot matrix product.
 _ONE_HOT_MAX_CLASSES = 256
+# Above that, class sums come from rows sorted by class, gathered this many at a time.
+_SORTED_BLOCK_ROWS = 2048
 # Counts received from elsewhere (a shard on the wire) are at most this: float64 holds every
 # integer up to it exactly, and int64 sums of a few hundred shards of it cannot overflow.
 MAX_COUNT = 2**53
@@ -67,25 +69,18 @@ def check_features(h_NP: np.ndarray, y_N: np.ndarray, num_classes: int) -> None:
                 f"labels must lie in [0, {num_classes - 1}] for num_classes={num_classes}, "
                 f"found label {bad}"
             )
-    if np.issubdtype(h_NP.dtype, np.floating):
-        rows = block_rows(h_NP.shape[1], h_NP.shape[0])
-        for sl in _row_blocks(h_NP.shape[0], rows):
-            block = h_NP[sl]
-            if not np.isfinite(block).all():
-                bad_row = sl.start + int(np.argwhere(~np.isfinite(block))[0, 0])
-                raise MetricInputError(f"features contain NaN or Inf (first at row {bad_row})")
 
 
-def _class_sums(h_NP: np.ndarray, y_N: np.ndarray, num_classes: int) -> np.ndarray:
-    """Per-class sums of float64 rows, by sorting labels (no K x N one-hot, any K)."""
-    sums_KP = np.zeros((num_classes, h_NP.shape[1]), dtype=np.float64)
-    if y_N.size == 0:
-        return sums_KP
-    order = np.argsort(y_N, kind="stable")
-    y_sorted = y_N[order]
-    starts = np.flatnonzero(np.r_[True, y_sorted[1:] != y_sorted[:-1]])
-    sums_KP[y_sorted[starts]] = np.add.reduceat(h_NP[order], starts, axis=0)
-    return sums_KP
+def _non_finite_error(h_NP: np.ndarray) -> MetricInputError:
+    """The error for features whose accumulated sums came out NaN or Inf (found afterwards,
+    so valid features pay no extra pass)."""
+    rows = block_rows(h_NP.shape[1], h_NP.shape[0])
+    for sl in _row_blocks(h_NP.shape[0], rows):
+        block = h_NP[sl]
+        if not np.isfinite(block).all():
+            bad_row = sl.start + int(np.argwhere(~np.isfinite(block))[0, 0])
+            return MetricInputError(f"features contain NaN or Inf (first at row {bad_row})")
+    return MetricInputError("features are too large: their float64 sums overflow to Inf")
 
 
 def _as_array(arrays: Mapping[str, np.ndarray], key: str, where: str) -> np.ndarray:
@@ -329,29 +324,45 @@ class Round2Stats:
 
 
 def round1_stats(h_NP: np.ndarray, y_N: np.ndarray, num_classes: int) -> Round1Stats:
-    """Round-1 statistics of a block of features (any float dtype; accumulated in float64)."""
+    """Round-1 statistics of a block of features (any float dtype; accumulated in float64).
+
+    Two passes: class sums first, then the squares of the features centered on this
+    block's own class means, so nothing is ever squared at a large offset; merge() carries
+    those centered squares across blocks exactly with Chan's correction.
+    """
     h_NP = np.asarray(h_NP)
-    y_N = np.asarray(y_N)
+    y_N = np.asarray(y_N).astype(np.intp, copy=False)
     check_features(h_NP, y_N, num_classes)
     K, P = num_classes, h_NP.shape[1]
-    total = Round1Stats.zeros(K, P)
-    for sl in _row_blocks(h_NP.shape[0], block_rows(P, h_NP.shape[0])):
-        h64 = h_NP[sl].astype(np.float64)
-        y = y_N[sl].astype(np.intp)
-        counts = np.bincount(y, minlength=K).astype(np.int64)
-        if K <= _ONE_HOT_MAX_CLASSES:
-            # A one-hot product is one BLAS call; cheaper than sorting for few classes.
+    N = h_NP.shape[0]
+    counts_K = np.bincount(y_N, minlength=K).astype(np.int64)
+    sums_KP = np.zeros((K, P))
+    if K <= _ONE_HOT_MAX_CLASSES:
+        # A one-hot product is one BLAS call; cheaper than sorting for few classes.
+        for sl in _row_blocks(N, block_rows(P, N)):
+            y = y_N[sl]
             one_hot_NK = np.zeros((y.size, K))
             one_hot_NK[np.arange(y.size), y] = 1.0
-            sums = one_hot_NK.T @ h64
-        else:
-            sums = _class_sums(h64, y, K)
-        # Center on this block's own class means before squaring; merge() applies Chan's
-        # correction between blocks, so nothing is ever squared at a large offset.
-        h64 -= (sums / np.maximum(counts, 1)[:, None])[y]
-        sq_dev = np.bincount(y, weights=np.einsum("np,np->n", h64, h64), minlength=K)
-        total = total.merge(Round1Stats(counts, sums, sq_dev))
-    return total
+            sums_KP += one_hot_NK.T @ h_NP[sl].astype(np.float64)
+    else:
+        # Rows sorted by class once; each block then adds contiguous runs of one class.
+        order_N = np.argsort(y_N, kind="stable")
+        y_sorted = y_N[order_N]
+        for sl in _row_blocks(N, max(block_rows(P, N), _SORTED_BLOCK_ROWS)):
+            y = y_sorted[sl]
+            starts = np.flatnonzero(np.r_[True, y[1:] != y[:-1]])
+            block = h_NP[order_N[sl]].astype(np.float64)
+            sums_KP[y[starts]] += np.add.reduceat(block, starts, axis=0)
+    means_KP = sums_KP / np.maximum(counts_K, 1)[:, None]
+    sq_dev_K = np.zeros(K)
+    for sl in _row_blocks(N, block_rows(P, N)):
+        y = y_N[sl]
+        r_NP = h_NP[sl].astype(np.float64)
+        r_NP -= means_KP[y]
+        sq_dev_K += np.bincount(y, weights=np.einsum("np,np->n", r_NP, r_NP), minlength=K)
+    if not (np.isfinite(sums_KP).all() and np.isfinite(sq_dev_K).all()):
+        raise _non_finite_error(h_NP)
+    return Round1Stats(counts_K, sums_KP, sq_dev_K)
 
 
 def round2_stats(
@@ -418,4 +429,6 @@ def round2_stats(
         predicted_N = np.argmax(scores_N2K[:, K:], axis=1)
         agree += int(np.count_nonzero(predicted_N == nearest_N))
         correct += int(np.count_nonzero(predicted_N == y))
+    if not (np.isfinite(sq_resid_K).all() and np.isfinite(scatter).all()):
+        raise _non_finite_error(h_NP)
     return Round2Stats(int(h_NP.shape[0]), scatter, sq_resid_K, agree, correct)
