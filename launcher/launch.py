@@ -46,10 +46,23 @@ class LaunchError(RuntimeError):
 
 
 class EmbeddedService:
-    """``ncserve serve`` as a child process on 127.0.0.1, its database in the run directory."""
+    """``ncserve serve`` as a child process on 127.0.0.1, its database in ``directory``.
 
-    def __init__(self, directory: Path, *, startup_timeout_s: float = 60.0) -> None:
+    One run's embedded service, or a sweep's shared one (``max_runs`` raised to hold every
+    run of the sweep); ``name`` is how errors refer to it.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        max_runs: int | None = None,
+        startup_timeout_s: float = 60.0,
+        name: str = "the embedded ncserve service",
+    ) -> None:
         self.directory = directory
+        self.max_runs = max_runs
+        self.name = name
         self.startup_timeout_s = startup_timeout_s
         self.process: subprocess.Popen[bytes] | None = None
         self.target: str | None = None
@@ -80,26 +93,25 @@ class EmbeddedService:
             "--log-level",
             "warning",
         ]
+        if self.max_runs is not None:
+            command += ["--max-runs", str(self.max_runs)]
         with self.log_path.open("ab") as log_stream:
             self.process = subprocess.Popen(
                 command, stdout=log_stream, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
             )
         deadline = time.monotonic() + self.startup_timeout_s
         while time.monotonic() < deadline:
-            if port_file.is_file():
-                port = int(port_file.read_text().strip())
-                self.target = f"127.0.0.1:{port}"
+            if port_file.is_file() and port_file.read_text().strip():
+                self.target = f"127.0.0.1:{int(port_file.read_text().strip())}"
                 return self.target
             if self.process.poll() is not None:
                 raise LaunchError(
-                    f"the embedded ncserve service exited with status {self.process.returncode}; "
-                    f"see {self.log_path}"
+                    f"{self.name} exited with status {self.process.returncode}; see {self.log_path}"
                 )
             time.sleep(0.05)
         self.stop()
         raise LaunchError(
-            f"the embedded ncserve service did not start within {self.startup_timeout_s:.0f} s; "
-            f"see {self.log_path}"
+            f"{self.name} did not start within {self.startup_timeout_s:.0f} s; see {self.log_path}"
         )
 
     def stop(self, grace_s: float = 15.0) -> None:

@@ -55,6 +55,7 @@ from rich.table import Table
 from rich.text import Text
 
 from launcher.config import RunConfig, describe_validation_error, load_yaml, resolve, to_yaml
+from launcher.launch import EmbeddedService, LaunchError
 from launcher.rundir import RunDir, write_atomic
 from ncserve.errors import UserError
 
@@ -427,84 +428,6 @@ def _last_row(run_dir: Path) -> dict[str, Any]:
     return rows[-1] if rows else {}
 
 
-# -- the sweep's service ---------------------------------------------------------------------
-
-
-class SweepService:
-    """``ncserve serve`` for the whole sweep, on 127.0.0.1, its database in DIR/service.
-
-    Unlike a single run's embedded service it must hold every run of the sweep, so its
-    ``--max-runs`` is raised to the sweep's size.
-    """
-
-    def __init__(self, directory: Path, max_runs: int, startup_timeout_s: float = 60.0) -> None:
-        self.directory = directory
-        self.max_runs = max(1000, max_runs)
-        self.startup_timeout_s = startup_timeout_s
-        self.process: subprocess.Popen[bytes] | None = None
-        self.target: str | None = None
-
-    @property
-    def db_path(self) -> Path:
-        return self.directory / "ncserve.db"
-
-    @property
-    def log_path(self) -> Path:
-        return self.directory / "serve.log"
-
-    def start(self) -> str:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        port_file = self.directory / "port"
-        port_file.unlink(missing_ok=True)
-        command = [
-            sys.executable,
-            "-m",
-            "ncserve",
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--port-file",
-            str(port_file),
-            "--db",
-            str(self.db_path),
-            "--max-runs",
-            str(self.max_runs),
-            "--log-level",
-            "warning",
-        ]
-        with self.log_path.open("ab") as log_stream:
-            self.process = subprocess.Popen(
-                command, stdout=log_stream, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-            )
-        deadline = time.monotonic() + self.startup_timeout_s
-        while time.monotonic() < deadline:
-            if port_file.is_file() and port_file.read_text().strip():
-                self.target = f"127.0.0.1:{int(port_file.read_text().strip())}"
-                return self.target
-            if self.process.poll() is not None:
-                raise UserError(
-                    f"the sweep's ncserve service exited with status "
-                    f"{self.process.returncode}; see {self.log_path}"
-                )
-            time.sleep(0.05)
-        self.stop()
-        raise UserError(
-            f"the sweep's ncserve service did not start within "
-            f"{self.startup_timeout_s:.0f} s; see {self.log_path}"
-        )
-
-    def stop(self, grace_s: float = 15.0) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        # SIGTERM drains in-flight calls and closes the database cleanly.
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-
-
 # -- running -----------------------------------------------------------------------------------
 
 
@@ -761,11 +684,18 @@ def run_sweep(
     _write_plan(plan)
     if not todo:
         return outcome
-    service: SweepService | None = None
+    service: EmbeddedService | None = None
     target: str | None = None
     if plan.needs_service:
-        service = SweepService(plan.out_dir / "service", max_runs=len(plan.runs) + 16)
-        target = service.start()
+        service = EmbeddedService(
+            plan.out_dir / "service",
+            max_runs=max(1000, len(plan.runs) + 16),
+            name="the sweep's ncserve service",
+        )
+        try:
+            target = service.start()
+        except LaunchError as exc:
+            raise UserError(str(exc)) from None
         console.print(
             f"[dim]sweep service ncserve on {target} (database {service.db_path})[/dim]",
             highlight=False,

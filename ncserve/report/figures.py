@@ -22,6 +22,7 @@ from matplotlib.ticker import FuncFormatter, NullFormatter
 from matplotlib.transforms import Bbox
 from PIL import Image
 
+from ncserve.metrics import METRIC_KEYS
 from ncserve.report.runs import NC0Prediction, RunRecord
 from ncserve.report.tables import (
     TABLE_METRICS,
@@ -37,19 +38,7 @@ from ncserve.report.tables import (
 DPI = 80
 # Log-scale panels (they go to 0 under collapse), then linear ones (they go to 1).
 LOG_CURVES: tuple[str, ...] = (
-    "nc0",
-    "nc0_normalized",
-    "nc1",
-    "nc1_trace_ratio",
-    "cdnv",
-    "nc2_norm",
-    "nc2_angle",
-    "nc2",
-    "nc2w_norm",
-    "nc2w_angle",
-    "nc2w",
-    "nc2m",
-    "nc3",
+    *(key for key in METRIC_KEYS if key not in ("nc4", "accuracy")),
     "train_loss",
 )
 LINEAR_CURVES: tuple[str, ...] = ("nc4", "accuracy")
