@@ -430,7 +430,7 @@ def preflight(config: RunConfig) -> None:
     """Checks that need the filesystem or torch, still before any process starts."""
     import torch
 
-    from launcher.optim import build_optimizer
+    from launcher.engines import optimizer_from_config
     from launcher.rundir import tensorboard_available
     from ncserve.track.sinks import TENSORBOARD_EXTRA
 
@@ -442,22 +442,11 @@ def preflight(config: RunConfig) -> None:
             "tracking.tensorboard (--tensorboard): needs the tensorboard package "
             f"(pip install '{TENSORBOARD_EXTRA}')"
         )
-    optim = config.optim
-    assert optim.lr is not None
     try:
         # The optimizer's own checks (ranges, combinations) on a throwaway parameter.
-        build_optimizer(
-            [torch.zeros(1, requires_grad=True)],
-            optim.name,
-            lr=optim.lr,
-            momentum=optim.momentum,
-            beta2=optim.beta2,
-            weight_decay=optim.weight_decay,
-            coupled_fraction=optim.coupled_fraction,
-            eps=optim.eps,
-        )
+        optimizer_from_config([torch.zeros(1, requires_grad=True)], config)
     except ValueError as err:
-        raise UserError(f"optim ({'--optimizer'} {optim.name}): {err}") from None
+        raise UserError(f"optim (--optimizer {config.optim.name}): {err}") from None
 
 
 class OneLineErrorGroup(click.Group):

@@ -62,7 +62,8 @@ def classifier_of(module: nn.Module) -> nn.Linear:
     return classifier
 
 
-def _build_optimizer(params: Any, config: RunConfig) -> torch.optim.Optimizer:
+def optimizer_from_config(params: Any, config: RunConfig) -> torch.optim.Optimizer:
+    """The configured optimizer over ``params`` (one place maps the config to its arguments)."""
     optim = config.optim
     assert optim.lr is not None, "resolve() fills optim.lr before workers start"
     return build_optimizer(
@@ -91,7 +92,7 @@ class DDPEngine:
         self.device = device
         device_ids = [device.index] if device.type == "cuda" else None
         self.wrapped = DistributedDataParallel(self.module, device_ids=device_ids)
-        self.optimizer = _build_optimizer(self.module.parameters(), config)
+        self.optimizer = optimizer_from_config(self.module.parameters(), config)
         self.scheduler: LRScheduler = build_scheduler(
             self.optimizer, config.optim.lr_schedule, total_steps
         )
@@ -166,7 +167,7 @@ class DeepSpeedEngine:
         self._deepspeed = deepspeed
         self.zero_stage = config.engine.zero_stage
         self.precision = config.engine.precision
-        optimizer = _build_optimizer(model.parameters(), config)
+        optimizer = optimizer_from_config(model.parameters(), config)
         scheduler = build_scheduler(optimizer, config.optim.lr_schedule, total_steps)
         per_rank = config.train.batch_size // world_size
         ds_config: dict[str, Any] = {
