@@ -430,7 +430,7 @@ class Tracker:
             if not _is_finalized(error):
                 raise
             stored = True
-        if self._all_true(not stored) is False:
+        if not self._all_true(not stored):
             return self._stored_metrics(step) if self.rank == 0 else None
         local = not self._all_true(means is not None)
         r1_all: list[Round1Stats] | None = None
