@@ -71,7 +71,7 @@ def make_payloads(clients: int, K: int, P: int, seed: int = 0) -> list[RankPaylo
         n = int(counts.sum())
         d = Round2Stats.scatter_dim(K, P)
         q = rng.normal(size=(2 * d, d))
-        r2 = Round2Stats(n, q.T @ q, rng.random(K) * 10, n // 2, n // 3)
+        r2 = Round2Stats(n, q.T @ q, n // 2, n // 3)
         round1 = list(wire.encode_arrays(arrays))
         round2 = list(wire.encode_arrays(r2.to_arrays()))
         size = sum(len(c.piece.data) for c in round1 + round2 if c.HasField("piece"))

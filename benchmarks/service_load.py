@@ -68,7 +68,7 @@ def rank_stats(seed: int, rank: int, K: int, P: int) -> tuple[Round1Stats, Round
     n = int(counts.sum())
     d = Round2Stats.scatter_dim(K, P)
     q = rng.normal(size=(2 * d, d))
-    return r1, Round2Stats(n, q.T @ q, rng.random(K) * 10, n // 2, n // 3)
+    return r1, Round2Stats(n, q.T @ q, n // 2, n // 3)
 
 
 def classifier(seed: int, K: int, P: int) -> tuple[np.ndarray, np.ndarray]:

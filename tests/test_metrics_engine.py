@@ -155,14 +155,17 @@ def test_large_k_beyond_feature_dim_uses_pxp_scatter():
     assert_close(got, reference_metrics(h, y, W, b), rtol=1e-8)
 
 
-def test_round1_chan_merge_equals_round2_residuals():
-    h, y, W, b = make_features(12, 20, 30, imbalanced=True, seed=5, offset=50.0, spread=1e-2)
-    parts = np.array_split(np.arange(y.size), 7)
+def test_round1_chan_merge_equals_direct_residuals():
+    """Chan-merged sq_dev of any split equals sum ||h - mu_y||^2 around the global means."""
+    h, y, _, _ = make_features(12, 20, 30, imbalanced=True, seed=5, offset=50.0, spread=1e-2)
+    parts = np.array_split(np.random.default_rng(3).permutation(y.size), 7)
     r1 = Round1Stats.zeros(12, 20)
     for idx in parts:
         r1 = r1.merge(round1_stats(h[idx], y[idx], 12))
-    r2 = round2_stats(h, y, r1.class_means(), W, b)
-    np.testing.assert_allclose(r1.sq_dev_K, r2.sq_resid_K, rtol=1e-9)
+    h64 = h.astype(np.float64)
+    mu = np.stack([h64[y == k].mean(axis=0) for k in range(12)])
+    direct = np.bincount(y, weights=((h64 - mu[y]) ** 2).sum(axis=1), minlength=12)
+    np.testing.assert_allclose(r1.sq_dev_K, direct, rtol=1e-9)
 
 
 @settings(max_examples=40, deadline=None)
@@ -236,7 +239,7 @@ counts = np.full(K, 5, dtype=np.int64)  # N = 100,000 samples
 sums = rng.normal(size=(K, P)) * counts[:, None]
 r1 = Round1Stats(counts, sums, np.full(K, 3.0))
 A = rng.normal(size=(P, P))
-r2 = Round2Stats(int(counts.sum()), A @ A.T, np.full(K, 3.0), 1234, 567)
+r2 = Round2Stats(int(counts.sum()), A @ A.T, 1234, 567)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 m = finalize(r1, r2, rng.normal(size=(K, P)))
 assert all(np.isfinite(v) for v in m.values()), m
@@ -254,3 +257,44 @@ def test_k20000_finalizes_under_2gb():
     )
     peak_bytes = int(proc.stdout.strip())
     assert peak_bytes < 2 * 1024**3, f"peak RSS {peak_bytes / 2**20:.0f} MiB"
+
+
+@pytest.mark.parametrize(
+    ("K", "P", "n_per_class"),
+    [(3, 40, 200), (50, 8, 3), (30, 60, 40)],  # long class runs, short runs (K > P), mixed
+)
+def test_threaded_accumulation_equals_one_thread(monkeypatch, K, P, n_per_class):
+    """Parts accumulated in threads and merged give the single-thread statistics."""
+    import ncserve.metrics.stats as stats_module
+
+    h, y, W, b = make_features(K, P, n_per_class, imbalanced=True, seed=11, offset=20.0)
+    h = h.astype(np.float32)
+    monkeypatch.setenv("NCSERVE_ENGINE_THREADS", "1")
+    r1_one = round1_stats(h, y, K)
+    r2_one = round2_stats(h, y, r1_one.class_means(), W, b)
+    monkeypatch.setattr(stats_module, "_MIN_ELEMENTS_PER_THREAD", 64)
+    monkeypatch.setenv("NCSERVE_ENGINE_THREADS", "3")
+    assert stats_module.engine_threads(h.size) == 3
+    r1 = round1_stats(h, y, K)
+    r2 = round2_stats(h, y, r1.class_means(), W, b)
+    np.testing.assert_array_equal(r1.counts_K, r1_one.counts_K)
+    np.testing.assert_allclose(r1.sums_KP, r1_one.sums_KP, rtol=1e-12, atol=1e-9)
+    np.testing.assert_allclose(r1.sq_dev_K, r1_one.sq_dev_K, rtol=1e-10)
+    np.testing.assert_allclose(r2.scatter, r2_one.scatter, rtol=1e-10, atol=1e-9)
+    assert (r2.num_samples, r2.ncc_agree, r2.correct) == (
+        r2_one.num_samples,
+        r2_one.ncc_agree,
+        r2_one.correct,
+    )
+    assert_close(finalize(r1, r2, W, b), finalize(r1_one, r2_one, W, b), rtol=1e-9)
+
+
+def test_engine_threads_setting_is_validated(monkeypatch):
+    from ncserve.metrics.stats import engine_threads
+
+    monkeypatch.setenv("NCSERVE_ENGINE_THREADS", "two")
+    with pytest.raises(MetricInputError, match="NCSERVE_ENGINE_THREADS"):
+        engine_threads(1 << 30)
+    monkeypatch.setenv("NCSERVE_ENGINE_THREADS", "2")
+    assert engine_threads(1 << 30) == 2
+    assert engine_threads(100) == 1  # too little work to split

@@ -93,7 +93,6 @@ def _round2_early() -> list[pb.ShardChunk]:
     arrays = {
         "num_samples": np.int64(12),
         "scatter": np.zeros((K, K)),
-        "sq_resid": np.zeros(K),
         "ncc_agree": np.int64(0),
         "correct": np.int64(0),
     }

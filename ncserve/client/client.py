@@ -709,20 +709,19 @@ class NCClient:
     def _shape_of(
         self, run_id: str, stats: Round2Stats, num_classes: int | None, feature_dim: int | None
     ) -> tuple[int, int]:
-        K = int(num_classes) if num_classes is not None else int(stats.sq_resid_K.shape[0])
-        if feature_dim is not None:
-            return K, int(feature_dim)
+        if num_classes is not None and feature_dim is not None:
+            return int(num_classes), int(feature_dim)
         with self._counts_lock:
             known = self._shapes.get(run_id)
-        if known is not None and known[0] == K:
-            return known
+        if known is not None and num_classes in (None, known[0]):
+            return known[0], (known[1] if feature_dim is None else int(feature_dim))
         # The scatter is K x K when K <= P, else P x P: its size gives P only when K > P.
         d = int(stats.scatter.shape[0])
-        if d < K:
-            return K, d
+        if num_classes is not None and d < int(num_classes):
+            return int(num_classes), d
         raise ValueError(
-            f"feature_dim of run {run_id!r} is unknown to this client (no round 1 or "
-            "registration through it); pass feature_dim= to push_round2"
+            f"the shape of run {run_id!r} is unknown to this client (no round 1 or "
+            "registration through it); pass num_classes= and feature_dim= to push_round2"
         )
 
     def _drain(self, deadline: float) -> bool:

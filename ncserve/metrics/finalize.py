@@ -205,9 +205,9 @@ def finalize(
         raise MetricInputError(f"round-2 scatter has shape {r2.scatter.shape} for K={K}, P={P}")
     nc0, nc0_normalized = nc0_from_weight(w64)
     mubar_KP = means.centered()
-    var_K = r2.sq_resid_K / means.counts_K
+    var_K = r1.sq_dev_K / means.counts_K
     between_trace = float(np.sum(mubar_KP * mubar_KP)) / K
-    within_trace = float(r2.sq_resid_K.sum()) / N
+    within_trace = float(r1.sq_dev_K.sum()) / N
     w_frob = float(np.linalg.norm(w64))
     m_frob = math.sqrt(between_trace * K)
     nc3 = (

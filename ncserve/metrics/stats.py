@@ -13,10 +13,15 @@ centered before it is squared, whatever the dtype of the features.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import itertools
+import os
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from ncserve.metrics.errors import MetricInputError
 
@@ -25,10 +30,14 @@ from ncserve.metrics.errors import MetricInputError
 _BLOCK_ELEMENTS = 1 << 18
 # Blocks of K-wide scores (NCC distances and logits) may be larger: 32 MB of float64.
 _BLOCK_ELEMENTS_WIDE = 1 << 22
-# Up to this many classes, class sums are one one-hot matrix product.
-_ONE_HOT_MAX_CLASSES = 256
-# Above that, class sums come from rows sorted by class, gathered this many at a time.
-_SORTED_BLOCK_ROWS = 2048
+# Rows are visited sorted by class, so a block holds a few runs of one class each. Runs at
+# least this long on average are handled one slice at a time (no gather, no scatter);
+# shorter ones (many classes, few samples each) with one vectorized call per block.
+_LONG_RUN_ROWS = 32
+# Accumulation runs in up to this many threads, each given at least this many values.
+_MAX_THREADS = 8
+_MIN_ELEMENTS_PER_THREAD = 1 << 22
+_T = TypeVar("_T")
 # Counts received from elsewhere (a shard on the wire) are at most this: float64 holds every
 # integer up to it exactly, and int64 sums of a few hundred shards of it cannot overflow.
 MAX_COUNT = 2**53
@@ -42,6 +51,132 @@ def block_rows(width: int, num_rows: int) -> int:
 def _row_blocks(num_rows: int, rows: int) -> Iterator[slice]:
     for start in range(0, num_rows, rows):
         yield slice(start, min(num_rows, start + rows))
+
+
+@dataclass(frozen=True)
+class _SortedBlock:
+    """Rows ``rows_B`` of the features, sorted by class, as runs of one class each: run j
+    covers block positions ``starts_J[j]:stops_J[j]`` and has class ``classes_J[j]``."""
+
+    rows_B: np.ndarray
+    labels_B: np.ndarray
+    starts_J: np.ndarray
+    stops_J: np.ndarray
+    classes_J: np.ndarray
+
+    @property
+    def long_runs(self) -> bool:
+        return self.starts_J.size * _LONG_RUN_ROWS <= self.rows_B.size
+
+    def runs(self) -> Iterator[tuple[int, slice]]:
+        for k, a, b in zip(
+            self.classes_J.tolist(), self.starts_J.tolist(), self.stops_J.tolist(), strict=True
+        ):
+            yield k, slice(a, b)
+
+
+class _ClassOrder:
+    """The rows of a shard sorted by class (a stable sort: the same blocks every time)."""
+
+    def __init__(self, y_N: np.ndarray) -> None:
+        self.order_N = np.argsort(y_N, kind="stable")
+        self.y_sorted_N = y_N[self.order_N]
+
+    def blocks(self, part: slice, rows: int) -> Iterator[_SortedBlock]:
+        """Blocks of at most ``rows`` rows of ``part`` (a slice of the sorted order)."""
+        for start in range(part.start, part.stop, rows):
+            sl = slice(start, min(part.stop, start + rows))
+            labels = self.y_sorted_N[sl]
+            starts = np.flatnonzero(np.r_[True, labels[1:] != labels[:-1]])
+            stops = np.r_[starts[1:], labels.size]
+            yield _SortedBlock(self.order_N[sl], labels, starts, stops, labels[starts])
+
+
+def engine_threads(num_elements: int) -> int:
+    """Worker threads for accumulating ``num_elements`` feature values: one per available core
+    (at most _MAX_THREADS, or NCSERVE_ENGINE_THREADS when set), each with enough work."""
+    env = os.environ.get("NCSERVE_ENGINE_THREADS", "").strip()
+    if env:
+        try:
+            cap = max(1, int(env))
+        except ValueError:
+            raise MetricInputError(
+                f"NCSERVE_ENGINE_THREADS must be a positive integer, got {env!r}"
+            ) from None
+    else:
+        affinity = getattr(os, "sched_getaffinity", None)
+        cap = min(_MAX_THREADS, len(affinity(0)) if affinity else (os.cpu_count() or 1))
+    return max(1, min(cap, num_elements // _MIN_ELEMENTS_PER_THREAD))
+
+
+def _map_parts(work: Callable[[slice], _T], num_rows: int, num_cols: int) -> list[_T]:
+    """Run ``work`` on contiguous parts of range(num_rows), in threads when worthwhile.
+
+    numpy releases the GIL in the per-block work; BLAS is held to one thread meanwhile so the
+    workers do not oversubscribe the cores.
+    """
+    threads = engine_threads(num_rows * num_cols)
+    bounds = np.linspace(0, num_rows, threads + 1).astype(int).tolist()
+    parts = [slice(a, b) for a, b in itertools.pairwise(bounds)]
+    if threads == 1:
+        return [work(parts[0])]
+    with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(work, parts))
+
+
+class _RowGather:
+    """Copies chosen rows of the features, as float64, into one reused block (no allocation,
+    and so no fresh pages to fault in, per block)."""
+
+    def __init__(self, h_NP: np.ndarray, rows: int) -> None:
+        self._h = h_NP
+        self._out = np.empty((rows, h_NP.shape[1]), dtype=np.float64)
+        self._raw = None if h_NP.dtype == np.float64 else np.empty_like(self._out, h_NP.dtype)
+
+    def __call__(self, rows_B: np.ndarray) -> np.ndarray:
+        out = self._out[: rows_B.size]
+        # mode="clip" (the indices are valid by construction) lets take write straight into
+        # `out`; the default mode buffers the whole result first.
+        if self._raw is None:
+            np.take(self._h, rows_B, axis=0, out=out, mode="clip")
+        else:
+            raw = self._raw[: rows_B.size]
+            np.take(self._h, rows_B, axis=0, out=raw, mode="clip")
+            np.copyto(out, raw)
+        return out
+
+
+def _subtract_rows(r_BP: np.ndarray, block: _SortedBlock, centers_JP: np.ndarray) -> None:
+    """r[i] -= centers[j] for every row i of run j, in place."""
+    if block.long_runs:
+        for j, (_, run) in enumerate(block.runs()):
+            r_BP[run] -= centers_JP[j]
+    else:
+        r_BP -= np.repeat(centers_JP, block.stops_J - block.starts_J, axis=0)
+
+
+def _chan_merge_into(
+    counts_K: np.ndarray,
+    sums_KP: np.ndarray,
+    sq_dev_K: np.ndarray,
+    classes_J: np.ndarray,
+    counts_J: np.ndarray,
+    sums_JP: np.ndarray,
+    sq_dev_J: np.ndarray,
+) -> None:
+    """Merge per-class (count, sum, centered sum of squares) of distinct classes ``classes_J``
+    into the accumulators, in place, with Chan et al.'s pairwise correction."""
+    n_a = counts_K[classes_J].astype(np.float64)
+    n_b = counts_J.astype(np.float64)
+    sq_dev_K[classes_J] += sq_dev_J
+    both = (n_a > 0) & (n_b > 0)
+    if both.any():
+        idx = classes_J[both]
+        delta = sums_JP[both] / n_b[both, None] - sums_KP[idx] / n_a[both, None]
+        weight = n_a[both] * n_b[both] / (n_a[both] + n_b[both])
+        sq_dev_K[idx] += np.einsum("kp,kp->k", delta, delta) * weight
+    counts_K[classes_J] += counts_J
+    sums_KP[classes_J] += sums_JP
 
 
 def check_features(h_NP: np.ndarray, y_N: np.ndarray, num_classes: int) -> None:
@@ -211,16 +346,18 @@ class Round1Stats:
     def merge(self, other: Round1Stats) -> Round1Stats:
         """Exact merge (Chan et al.'s pairwise update of the centered sums of squares)."""
         self._check_compatible(other)
-        n_a = self.counts_K.astype(np.float64)
-        n_b = other.counts_K.astype(np.float64)
-        n = n_a + n_b
-        both = (n_a > 0) & (n_b > 0)
-        sq_dev = self.sq_dev_K + other.sq_dev_K
-        if both.any():
-            idx = np.flatnonzero(both)
-            delta = other.sums_KP[idx] / n_b[idx, None] - self.sums_KP[idx] / n_a[idx, None]
-            sq_dev[idx] += np.einsum("kp,kp->k", delta, delta) * (n_a[idx] * n_b[idx] / n[idx])
-        return Round1Stats(self.counts_K + other.counts_K, self.sums_KP + other.sums_KP, sq_dev)
+        counts, sums, sq_dev = self.counts_K.copy(), self.sums_KP.copy(), self.sq_dev_K.copy()
+        present = np.flatnonzero(other.counts_K > 0)
+        _chan_merge_into(
+            counts,
+            sums,
+            sq_dev,
+            present,
+            other.counts_K[present],
+            other.sums_KP[present],
+            other.sq_dev_K[present],
+        )
+        return Round1Stats(counts, sums, sq_dev)
 
     def class_means(self) -> ClassMeans:
         """Global class means and the global (sample) mean; every class needs a sample."""
@@ -252,6 +389,8 @@ class Round1Stats:
             raise MetricInputError("field 'sq_dev' has a negative sum of squares")
         if ((counts == 0) & (np.abs(sums).sum(axis=1) > 0)).any():
             raise MetricInputError("field 'sums' is non-zero for a class whose count is 0")
+        if ((counts == 0) & (sq_dev > 0)).any():
+            raise MetricInputError("field 'sq_dev' is non-zero for a class whose count is 0")
         return cls(counts, sums, sq_dev)
 
 
@@ -261,11 +400,12 @@ class Round2Stats:
 
     ``scatter`` is the K x K projected within-class scatter when K <= P, else the P x P
     centered within-class scatter (both around the *global* class means, so merging is a sum).
+    The per-class within-class sums of squares are not repeated here: round 1's Chan-merged
+    ``sq_dev`` already is exactly that sum around the global class means.
     """
 
     num_samples: int
     scatter: np.ndarray
-    sq_resid_K: np.ndarray
     ncc_agree: int
     correct: int
 
@@ -276,12 +416,10 @@ class Round2Stats:
     @classmethod
     def zeros(cls, num_classes: int, feature_dim: int) -> Round2Stats:
         d = cls.scatter_dim(num_classes, feature_dim)
-        return cls(0, np.zeros((d, d)), np.zeros(num_classes), 0, 0)
+        return cls(0, np.zeros((d, d)), 0, 0)
 
     def merge(self, other: Round2Stats) -> Round2Stats:
-        if other.scatter.shape != self.scatter.shape or other.sq_resid_K.shape != (
-            self.sq_resid_K.shape
-        ):
+        if other.scatter.shape != self.scatter.shape:
             raise MetricInputError(
                 f"cannot merge round-2 statistics with scatter {self.scatter.shape} and "
                 f"{other.scatter.shape}"
@@ -289,7 +427,6 @@ class Round2Stats:
         return Round2Stats(
             self.num_samples + other.num_samples,
             self.scatter + other.scatter,
-            self.sq_resid_K + other.sq_resid_K,
             self.ncc_agree + other.ncc_agree,
             self.correct + other.correct,
         )
@@ -298,7 +435,6 @@ class Round2Stats:
         return {
             "num_samples": np.asarray(self.num_samples, dtype=np.int64),
             "scatter": self.scatter,
-            "sq_resid": self.sq_resid_K,
             "ncc_agree": np.asarray(self.ncc_agree, dtype=np.int64),
             "correct": np.asarray(self.correct, dtype=np.int64),
         }
@@ -308,61 +444,61 @@ class Round2Stats:
         cls, arrays: Mapping[str, np.ndarray], num_classes: int, feature_dim: int
     ) -> Round2Stats:
         where = "round-2 statistics"
-        K = num_classes
         d = cls.scatter_dim(num_classes, feature_dim)
         n = _scalar_count(arrays, "num_samples", where)
         scatter = _expect(_as_array(arrays, "scatter", where), "scatter", (d, d), "float")
-        sq_resid = _expect(_as_array(arrays, "sq_resid", where), "sq_resid", (K,), "float")
-        if (sq_resid < 0).any():
-            raise MetricInputError("field 'sq_resid' has a negative sum of squares")
         agree = _scalar_count(arrays, "ncc_agree", where)
         correct = _scalar_count(arrays, "correct", where)
         for name, value in (("ncc_agree", agree), ("correct", correct)):
             if value > n:
                 raise MetricInputError(f"field '{name}' ({value}) exceeds num_samples ({n})")
-        return cls(n, scatter, sq_resid, agree, correct)
+        return cls(n, scatter, agree, correct)
 
 
 def round1_stats(h_NP: np.ndarray, y_N: np.ndarray, num_classes: int) -> Round1Stats:
     """Round-1 statistics of a block of features (any float dtype; accumulated in float64).
 
-    Two passes: class sums first, then the squares of the features centered on this
-    block's own class means, so nothing is ever squared at a large offset; merge() carries
-    those centered squares across blocks exactly with Chan's correction.
+    Rows are visited sorted by class, a cache-sized block at a time. Each run of one class
+    inside a block is summed, centered on its own mean and squared while it is in cache (an
+    exact two-pass computation that reads the features once), and merged into the totals
+    with Chan's correction; nothing is ever squared at a large offset.
     """
     h_NP = np.asarray(h_NP)
     y_N = np.asarray(y_N).astype(np.intp, copy=False)
     check_features(h_NP, y_N, num_classes)
     K, P = num_classes, h_NP.shape[1]
-    N = h_NP.shape[0]
-    counts_K = np.bincount(y_N, minlength=K).astype(np.int64)
-    sums_KP = np.zeros((K, P))
-    if K <= _ONE_HOT_MAX_CLASSES:
-        # A one-hot product is one BLAS call; cheaper than sorting for few classes.
-        for sl in _row_blocks(N, block_rows(P, N)):
-            y = y_N[sl]
-            one_hot_NK = np.zeros((y.size, K))
-            one_hot_NK[np.arange(y.size), y] = 1.0
-            sums_KP += one_hot_NK.T @ h_NP[sl].astype(np.float64)
-    else:
-        # Rows sorted by class once; each block then adds contiguous runs of one class.
-        order_N = np.argsort(y_N, kind="stable")
-        y_sorted = y_N[order_N]
-        for sl in _row_blocks(N, max(block_rows(P, N), _SORTED_BLOCK_ROWS)):
-            y = y_sorted[sl]
-            starts = np.flatnonzero(np.r_[True, y[1:] != y[:-1]])
-            block = h_NP[order_N[sl]].astype(np.float64)
-            sums_KP[y[starts]] += np.add.reduceat(block, starts, axis=0)
-    means_KP = sums_KP / np.maximum(counts_K, 1)[:, None]
-    sq_dev_K = np.zeros(K)
-    for sl in _row_blocks(N, block_rows(P, N)):
-        y = y_N[sl]
-        r_NP = h_NP[sl].astype(np.float64)
-        r_NP -= means_KP[y]
-        sq_dev_K += np.bincount(y, weights=np.einsum("np,np->n", r_NP, r_NP), minlength=K)
-    if not (np.isfinite(sums_KP).all() and np.isfinite(sq_dev_K).all()):
+    order = _ClassOrder(y_N)
+    rows = block_rows(P, y_N.size)
+
+    def accumulate(part: slice) -> Round1Stats:
+        acc = Round1Stats.zeros(K, P)
+        gather = _RowGather(h_NP, rows)
+        for block in order.blocks(part, rows):
+            r_BP = gather(block.rows_B)
+            counts_J = block.stops_J - block.starts_J
+            if block.long_runs:
+                runs = [run for _, run in block.runs()]
+                sums_JP = np.stack([r_BP[run].sum(axis=0) for run in runs])
+                _subtract_rows(r_BP, block, sums_JP / counts_J[:, None])
+                # A run is contiguous in memory: one dot product each.
+                sq_dev_J = np.array([np.vdot(r_BP[run], r_BP[run]) for run in runs])
+            else:
+                sums_JP = np.add.reduceat(r_BP, block.starts_J, axis=0)
+                _subtract_rows(r_BP, block, sums_JP / counts_J[:, None])
+                sq_dev_J = np.add.reduceat(np.einsum("np,np->n", r_BP, r_BP), block.starts_J)
+            _chan_merge_into(
+                acc.counts_K, acc.sums_KP, acc.sq_dev_K, block.classes_J, counts_J, sums_JP,
+                sq_dev_J,
+            )  # fmt: skip
+        return acc
+
+    parts = _map_parts(accumulate, y_N.size, P)
+    total = parts[0]
+    for part_stats in parts[1:]:
+        total = total.merge(part_stats)
+    if not (np.isfinite(total.sums_KP).all() and np.isfinite(total.sq_dev_K).all()):
         raise _non_finite_error(h_NP)
-    return Round1Stats(counts_K, sums_KP, sq_dev_K)
+    return total
 
 
 def round2_stats(
@@ -392,10 +528,6 @@ def round2_stats(
     mean_sq_K = np.einsum("kp,kp->k", mubar_KP, mubar_KP)
     projected = K <= P
     d = Round2Stats.scatter_dim(K, P)
-    scatter = np.zeros((d, d))
-    sq_resid_K = np.zeros(K)
-    agree = 0
-    correct = 0
     # One product per block gives both the projections q = M^T r and r.w_k:
     # (h - mu_G).mubar_k = q_k + (mubar_y.mubar_k) and h.w_k = r.w_k + (mu_y.w_k), where the
     # second terms are K x K lookup tables (K <= P only; for K > P they would not fit, so the
@@ -407,28 +539,42 @@ def round2_stats(
         offsets_K2K[:, K:] += b64
     else:
         offsets_2K = np.concatenate([np.zeros(K), class_means.global_mean_P @ w64.T + b64])
-    rows = min(block_rows(P, h_NP.shape[0]), max(16, _BLOCK_ELEMENTS_WIDE // (2 * K)))
-    for sl in _row_blocks(h_NP.shape[0], rows):
-        r_NP = h_NP[sl].astype(np.float64)
-        y = y_N[sl].astype(np.intp)
-        if projected:
-            r_NP -= class_means.means_KP[y]
-            scores_N2K = r_NP @ both_2KP.T
-            q_NK = scores_N2K[:, :K]
-            scatter += q_NK.T @ q_NK
-            scores_N2K += offsets_K2K[y]
-        else:
-            r_NP -= class_means.global_mean_P
-            scores_N2K = r_NP @ both_2KP.T
-            scores_N2K += offsets_2K
-            r_NP -= mubar_KP[y]
-            scatter += r_NP.T @ r_NP
-        sq_resid_K += np.bincount(y, weights=np.einsum("np,np->n", r_NP, r_NP), minlength=K)
-        # argmin_k ||h - mu_k||^2 == argmin_k ||mubar_k||^2 - 2 (h - mu_G).mubar_k
-        nearest_N = np.argmin(mean_sq_K - 2.0 * scores_N2K[:, :K], axis=1)
-        predicted_N = np.argmax(scores_N2K[:, K:], axis=1)
-        agree += int(np.count_nonzero(predicted_N == nearest_N))
-        correct += int(np.count_nonzero(predicted_N == y))
-    if not (np.isfinite(sq_resid_K).all() and np.isfinite(scatter).all()):
+    N = h_NP.shape[0]
+    rows = min(block_rows(P, N), max(16, _BLOCK_ELEMENTS_WIDE // (2 * K)))
+    order = _ClassOrder(y_N.astype(np.intp, copy=False))
+    both_P2K = np.ascontiguousarray(both_2KP.T)
+
+    def accumulate(part: slice) -> Round2Stats:
+        scatter = np.zeros((d, d))
+        agree = correct = 0
+        gather = _RowGather(h_NP, rows)
+        scores_buf = np.empty((rows, 2 * K))
+        for block in order.blocks(part, rows):
+            r_NP = gather(block.rows_B)
+            scores_N2K = scores_buf[: r_NP.shape[0]]
+            y = block.labels_B
+            if projected:
+                _subtract_rows(r_NP, block, class_means.means_KP[block.classes_J])
+                np.matmul(r_NP, both_P2K, out=scores_N2K)
+                q_NK = scores_N2K[:, :K]
+                scatter += q_NK.T @ q_NK
+                scores_N2K += offsets_K2K[y]
+            else:
+                r_NP -= class_means.global_mean_P
+                np.matmul(r_NP, both_P2K, out=scores_N2K)
+                scores_N2K += offsets_2K
+                _subtract_rows(r_NP, block, mubar_KP[block.classes_J])
+                scatter += r_NP.T @ r_NP
+            # argmin_k ||h - mu_k||^2 == argmin_k ||mubar_k||^2 - 2 (h - mu_G).mubar_k
+            nearest_N = np.argmin(mean_sq_K - 2.0 * scores_N2K[:, :K], axis=1)
+            predicted_N = np.argmax(scores_N2K[:, K:], axis=1)
+            agree += int(np.count_nonzero(predicted_N == nearest_N))
+            correct += int(np.count_nonzero(predicted_N == y))
+        return Round2Stats(part.stop - part.start, scatter, agree, correct)
+
+    total = Round2Stats.zeros(K, P)
+    for part_stats in _map_parts(accumulate, N, P):
+        total = total.merge(part_stats)
+    if not np.isfinite(total.scatter).all():
         raise _non_finite_error(h_NP)
-    return Round2Stats(int(h_NP.shape[0]), scatter, sq_resid_K, agree, correct)
+    return total

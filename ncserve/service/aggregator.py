@@ -63,7 +63,7 @@ ROUND_1 = 1
 ROUND_2 = 2
 ROUND1_NAMES = ("counts", "sums", "sq_dev")
 CLASSIFIER_NAMES = ("weight", "bias")
-ROUND2_NAMES = ("num_samples", "scatter", "sq_resid", "ncc_agree", "correct")
+ROUND2_NAMES = ("num_samples", "scatter", "ncc_agree", "correct")
 HOLDOUT_PREFIX = "holdout."
 
 RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/=+@-]{0,199}")
@@ -218,7 +218,6 @@ def _r2_from_stored(arrays: Mapping[str, np.ndarray], prefix: str) -> Round2Stat
     return Round2Stats(
         int(found["num_samples"]),
         found["scatter"],
-        found["sq_resid"],
         int(found["ncc_agree"]),
         int(found["correct"]),
     )
