@@ -99,6 +99,13 @@ def shard_stream(
 # -- processes --------------------------------------------------------------------------------
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def peak_rss_bytes(pid: int) -> int:
     with open(f"/proc/{pid}/status") as status:
         for line in status:
@@ -173,6 +180,7 @@ class RunResult:
     seconds: float
     latencies_s: list[float]
     peak_rss: int
+    server_cpu_s: float
 
 
 def run_clients(
@@ -292,10 +300,17 @@ def ncserve_run(
             watching.join(30)
             watch.cancel()
         peak = peak_rss_bytes(process.pid)
+        server_cpu = cpu_seconds(process.pid)
+    if os.environ.get("NCSERVE_TIMELINE"):
+        import json
+
+        Path(f"/tmp/prof/client-times-{len(payloads)}.json").write_text(
+            json.dumps({"last_start": last_start, "arrivals": arrivals})
+        )
     latencies = [arrivals[s] - last_start[s] for s in last_start if s in arrivals]
     if len(latencies) != steps:
         raise RuntimeError(f"only {len(latencies)} of {steps} steps were finalized")
-    return RunResult(seconds, latencies, peak)
+    return RunResult(seconds, latencies, peak, server_cpu)
 
 
 def echo_run(
@@ -306,14 +321,15 @@ def echo_run(
     P: int,
     workers: int,
     mode: str,
-) -> float:
+) -> tuple[float, float]:
     args = [
         sys.executable, str(Path(__file__).resolve()), "--echo-server",
         "--means-bytes", str(8 * (K * P + K + P)), "--workers", str(workers),
     ]  # fmt: skip
-    with subprocess_server(args, workdir) as (_, port):
+    with subprocess_server(args, workdir) as (process, port):
         seconds, _ = run_clients(port, payloads, steps, K, P, mode)
-    return seconds
+        server_cpu = cpu_seconds(process.pid)
+    return seconds, server_cpu
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -346,8 +362,8 @@ def main() -> None:
     workers = max(64, 2 * clients + 32)
     with tempfile.TemporaryDirectory(prefix="ncserve-bench-") as tmp:
         workdir = Path(tmp)
-        echo_free = echo_run(workdir, payloads, steps, K, P, workers, "echo-free")
-        echo_sync = echo_run(workdir, payloads, steps, K, P, workers, "echo-sync")
+        echo_free, _ = echo_run(workdir, payloads, steps, K, P, workers, "echo-free")
+        echo_sync, echo_cpu = echo_run(workdir, payloads, steps, K, P, workers, "echo-sync")
         full = ncserve_run(workdir, payloads, steps, K, P, "full")
         few = max(2, clients // 4)
         small = ncserve_run(workdir, make_payloads(few, K, P, seed=1), steps, K, P, "small")
@@ -369,6 +385,10 @@ def main() -> None:
     print(
         f"  echo, same traffic and barriers   {echo_sync:8.2f} s  "
         f"-> ingest / echo ratio {full.seconds / echo_sync:.2f}"
+    )
+    print(
+        f"  server CPU time                   {full.server_cpu_s:8.2f} s  "
+        f"(echo server: {echo_cpu:.2f} s)"
     )
     print(f"  echo, same traffic, no barriers   {echo_free:8.2f} s  "
           f"-> ingest / echo ratio {full.seconds / echo_free:.2f}")  # fmt: skip

@@ -298,3 +298,16 @@ def test_engine_threads_setting_is_validated(monkeypatch):
     monkeypatch.setenv("NCSERVE_ENGINE_THREADS", "2")
     assert engine_threads(1 << 30) == 2
     assert engine_threads(100) == 1  # too little work to split
+
+
+def test_prepared_finalize_equals_finalize():
+    """The service's split (round-1 part early, round-2 part at the end) changes nothing."""
+    from ncserve.metrics import complete_finalize, prepare_finalize
+
+    h, y, W, b = make_features(7, 5, 20, imbalanced=True, seed=21)
+    r1 = round1_stats(h, y, 7)
+    r2 = round2_stats(h, y, r1.class_means(), W, b)
+    prepared = prepare_finalize(r1, W, b)
+    assert complete_finalize(prepared, r2) == finalize(r1, r2, W, b)
+    with pytest.raises(MetricInputError, match="round 2 covers"):
+        complete_finalize(prepared, Round2Stats.zeros(7, 5))

@@ -6,7 +6,15 @@ See docs/metrics.md for the definitions and conventions, and docs/CONTRACTS.md f
 import numpy as np
 
 from ncserve.metrics.errors import MetricInputError
-from ncserve.metrics.finalize import METRIC_KEYS, finalize, nc0_from_weight, rank_tolerance
+from ncserve.metrics.finalize import (
+    METRIC_KEYS,
+    PreparedFinalize,
+    complete_finalize,
+    finalize,
+    nc0_from_weight,
+    prepare_finalize,
+    rank_tolerance,
+)
 from ncserve.metrics.stats import (
     ClassMeans,
     Round1Stats,
@@ -19,11 +27,14 @@ __all__ = [
     "METRIC_KEYS",
     "ClassMeans",
     "MetricInputError",
+    "PreparedFinalize",
     "Round1Stats",
     "Round2Stats",
+    "complete_finalize",
     "compute_metrics",
     "finalize",
     "nc0_from_weight",
+    "prepare_finalize",
     "rank_tolerance",
     "round1_stats",
     "round2_stats",

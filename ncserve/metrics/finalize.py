@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -149,25 +150,32 @@ def _gram_etf_distance(x_KP: np.ndarray) -> float:
     return _etf_distance_identity(float(np.sum(x_KP * x_KP)), float(colsum_P @ colsum_P), frob, K)
 
 
-def _nc1(mubar_KP: np.ndarray, r2: Round2Stats, num_samples: int) -> float:
-    """Tr(Sigma_W Sigma_B^+) / K from the shipped scatter, through the SVD of M."""
+def _nc1_basis(mubar_KP: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """What NC1 needs of M alone: the kept singular vectors on the small side and the
+    weight of each (None when M is numerically zero).
+
+    NC1 = Tr(Sigma_W Sigma_B^+) / K = sum_i weight_i * basis_i^T (S/N) basis_i with S the
+    shipped scatter. M = U S V^T (mubar_KP = V S U^T). K <= P: basis V, weight 1/s^4 (since
+    (M M^T)^+ = M (M^T M)^+2 M^T and S is the K x K projected scatter); K > P: basis U,
+    weight 1/s^2. Only the small side is needed: a QR of the tall orientation reduces M to
+    its d x d triangle with the same singular values, whose SVD gives them (d = min(K, P)).
+    """
     K, P = mubar_KP.shape
-    # M = U S V^T (mubar_KP = V S U^T). Only the singular vectors on the small side are
-    # needed (V when K <= P, U when K > P): a QR of the tall orientation reduces M to its
-    # d x d triangle R with the same singular values, whose SVD gives them (d = min(K, P)).
     tall = mubar_KP.T if K <= P else mubar_KP
     _, s_R, vt_RR = np.linalg.svd(np.linalg.qr(tall, mode="r"))
     keep = s_R > rank_tolerance(s_R, (K, P))
     if not keep.any():
-        return math.nan
+        return None
     s = s_R[keep]
-    small = vt_RR[keep].T
-    quad = np.einsum("ai,ab,bi->i", small, r2.scatter, small) / num_samples
-    if K <= P:
-        # nc1 = sum_i v_i^T (G/N) v_i / s_i^4, with G the K x K projected scatter.
-        return float(np.sum(quad / s**4))
-    # nc1 = sum_i u_i^T (S/N) u_i / s_i^2, with S the P x P centered scatter.
-    return float(np.sum(quad / s**2))
+    return vt_RR[keep].T, (1.0 / s**4 if K <= P else 1.0 / s**2)
+
+
+def _nc1(basis: tuple[np.ndarray, np.ndarray] | None, scatter: np.ndarray, n: int) -> float:
+    if basis is None:
+        return math.nan
+    small, weight = basis
+    quad = np.einsum("ai,ab,bi->i", small, scatter, small) / n
+    return float(np.sum(quad * weight))
 
 
 def _nc2m(w_KP: np.ndarray, mubar_KP: np.ndarray) -> float:
@@ -181,16 +189,23 @@ def _nc2m(w_KP: np.ndarray, mubar_KP: np.ndarray) -> float:
     return _etf_distance_identity(trace, total, math.sqrt(max(frob_sq, 0.0)), K)
 
 
-def finalize(
-    r1: Round1Stats,
-    r2: Round2Stats,
-    w_KP: np.ndarray,
-    b_K: np.ndarray | None = None,
-) -> dict[str, float]:
-    """Every metric of METRIC_KEYS plus num_samples, num_classes and feature_dim.
+@dataclass(frozen=True)
+class PreparedFinalize:
+    """Everything of a finalize that depends on round 1 and W only: every metric except
+    nc1, nc4 and accuracy, and what nc1 needs of M. Computed once round 1 is complete (while
+    round 2 is in flight); ``complete_finalize`` then adds round 2 cheaply."""
 
-    ``b_K`` is accepted for symmetry with round 2 (NC4 used it there); nothing here needs it.
-    """
+    num_classes: int
+    feature_dim: int
+    num_samples: int
+    metrics: dict[str, float]
+    nc1_basis: tuple[np.ndarray, np.ndarray] | None
+
+
+def prepare_finalize(
+    r1: Round1Stats, w_KP: np.ndarray, b_K: np.ndarray | None = None
+) -> PreparedFinalize:
+    """The round-1 part of ``finalize`` (``b_K`` only checked: NC4 used it in round 2)."""
     K, P = r1.num_classes, r1.feature_dim
     w64 = np.asarray(w_KP, dtype=np.float64)
     if w64.shape != (K, P):
@@ -199,10 +214,6 @@ def finalize(
         raise MetricInputError(f"bias must have shape (K,) = {(K,)}, got {np.asarray(b_K).shape}")
     means = r1.class_means()
     N = means.num_samples
-    if r2.num_samples != N:
-        raise MetricInputError(f"round 2 covers {r2.num_samples} samples but round 1 covered {N}")
-    if r2.scatter.shape[0] != Round2Stats.scatter_dim(K, P):
-        raise MetricInputError(f"round-2 scatter has shape {r2.scatter.shape} for K={K}, P={P}")
     nc0, nc0_normalized = nc0_from_weight(w64)
     mubar_KP = means.centered()
     var_K = r1.sq_dev_K / means.counts_K
@@ -217,10 +228,9 @@ def finalize(
     )
     nc2_angle, cdnv = _angles_and_cdnv(mubar_KP, var_K)
     nc2w_angle, _ = _angles_and_cdnv(w64, None)
-    return {
+    metrics = {
         "nc0": nc0,
         "nc0_normalized": nc0_normalized,
-        "nc1": _nc1(mubar_KP, r2, N),
         "nc1_trace_ratio": within_trace / between_trace if between_trace > 0 else math.nan,
         "cdnv": cdnv,
         "nc2_norm": _equinorm(mubar_KP),
@@ -231,9 +241,36 @@ def finalize(
         "nc2w": _gram_etf_distance(w64),
         "nc2m": _nc2m(w64, mubar_KP),
         "nc3": nc3,
+    }
+    return PreparedFinalize(K, P, N, metrics, _nc1_basis(mubar_KP))
+
+
+def complete_finalize(prepared: PreparedFinalize, r2: Round2Stats) -> dict[str, float]:
+    """Every metric of METRIC_KEYS plus num_samples, num_classes and feature_dim."""
+    K, P, N = prepared.num_classes, prepared.feature_dim, prepared.num_samples
+    if r2.num_samples != N:
+        raise MetricInputError(f"round 2 covers {r2.num_samples} samples but round 1 covered {N}")
+    if r2.scatter.shape != (Round2Stats.scatter_dim(K, P),) * 2:
+        raise MetricInputError(f"round-2 scatter has shape {r2.scatter.shape} for K={K}, P={P}")
+    computed = {
+        **prepared.metrics,
+        "nc1": _nc1(prepared.nc1_basis, r2.scatter, N),
         "nc4": r2.ncc_agree / N,
         "accuracy": r2.correct / N,
-        "num_samples": N,
-        "num_classes": K,
-        "feature_dim": P,
     }
+    out: dict[str, float] = {key: computed[key] for key in METRIC_KEYS}
+    out.update(num_samples=N, num_classes=K, feature_dim=P)
+    return out
+
+
+def finalize(
+    r1: Round1Stats,
+    r2: Round2Stats,
+    w_KP: np.ndarray,
+    b_K: np.ndarray | None = None,
+) -> dict[str, float]:
+    """Every metric of METRIC_KEYS plus num_samples, num_classes and feature_dim.
+
+    ``b_K`` is accepted for symmetry with round 2 (NC4 used it there); nothing here needs it.
+    """
+    return complete_finalize(prepare_finalize(r1, w_KP, b_K), r2)

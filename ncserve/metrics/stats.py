@@ -159,24 +159,24 @@ def _chan_merge_into(
     counts_K: np.ndarray,
     sums_KP: np.ndarray,
     sq_dev_K: np.ndarray,
-    classes_J: np.ndarray,
+    classes: np.ndarray | slice,
     counts_J: np.ndarray,
     sums_JP: np.ndarray,
     sq_dev_J: np.ndarray,
 ) -> None:
-    """Merge per-class (count, sum, centered sum of squares) of distinct classes ``classes_J``
-    into the accumulators, in place, with Chan et al.'s pairwise correction."""
-    n_a = counts_K[classes_J].astype(np.float64)
+    """Merge per-class (count, sum, centered sum of squares) of the distinct classes
+    ``classes`` (indices, or a slice such as all of them) into the accumulators, in place,
+    with Chan et al.'s pairwise correction."""
+    n_a = counts_K[classes].astype(np.float64)
     n_b = counts_J.astype(np.float64)
-    sq_dev_K[classes_J] += sq_dev_J
-    both = (n_a > 0) & (n_b > 0)
-    if both.any():
-        idx = classes_J[both]
-        delta = sums_JP[both] / n_b[both, None] - sums_KP[idx] / n_a[both, None]
-        weight = n_a[both] * n_b[both] / (n_a[both] + n_b[both])
-        sq_dev_K[idx] += np.einsum("kp,kp->k", delta, delta) * weight
-    counts_K[classes_J] += counts_J
-    sums_KP[classes_J] += sums_JP
+    # A class empty on either side has weight 0; dividing by max(n, 1) keeps its unused
+    # mean finite (its sums are 0), so no masking (and no gathered copies) is needed.
+    delta = sums_JP * (1.0 / np.maximum(n_b, 1.0))[:, None]
+    delta -= sums_KP[classes] * (1.0 / np.maximum(n_a, 1.0))[:, None]
+    weight = n_a * n_b / np.maximum(n_a + n_b, 1.0)
+    sq_dev_K[classes] += sq_dev_J + np.einsum("kp,kp->k", delta, delta) * weight
+    counts_K[classes] += counts_J
+    sums_KP[classes] += sums_JP
 
 
 def check_features(h_NP: np.ndarray, y_N: np.ndarray, num_classes: int) -> None:
@@ -238,10 +238,10 @@ def _expect(arr: np.ndarray, name: str, shape: tuple[int, ...], kind: str) -> np
                 f"field '{name}' counts {float(arr.sum(dtype=np.float64)):.6g} samples in "
                 f"total; at most 2**53 = {MAX_COUNT} allowed"
             )
-        return arr.astype(np.int64)
+        return np.asarray(arr, dtype=np.int64)  # a copy only when the dtype differs
     if not np.issubdtype(arr.dtype, np.floating):
         raise MetricInputError(f"field '{name}' must be floating point, got dtype {arr.dtype}")
-    out = arr.astype(np.float64)
+    out = np.asarray(arr, dtype=np.float64)
     if not np.isfinite(out).all():
         raise MetricInputError(f"field '{name}' contains NaN or Inf")
     return out
@@ -343,21 +343,27 @@ class Round1Stats:
                 f"with {other.sums_KP.shape}"
             )
 
+    def copy(self) -> Round1Stats:
+        return Round1Stats(self.counts_K.copy(), self.sums_KP.copy(), self.sq_dev_K.copy())
+
     def merge(self, other: Round1Stats) -> Round1Stats:
         """Exact merge (Chan et al.'s pairwise update of the centered sums of squares)."""
+        merged = self.copy()
+        merged.merge_in_place(other)
+        return merged
+
+    def merge_in_place(self, other: Round1Stats) -> None:
+        """The same merge, written into this object's arrays (no copies: for accumulators)."""
         self._check_compatible(other)
-        counts, sums, sq_dev = self.counts_K.copy(), self.sums_KP.copy(), self.sq_dev_K.copy()
-        present = np.flatnonzero(other.counts_K > 0)
         _chan_merge_into(
-            counts,
-            sums,
-            sq_dev,
-            present,
-            other.counts_K[present],
-            other.sums_KP[present],
-            other.sq_dev_K[present],
+            self.counts_K,
+            self.sums_KP,
+            self.sq_dev_K,
+            slice(None),
+            other.counts_K,
+            other.sums_KP,
+            other.sq_dev_K,
         )
-        return Round1Stats(counts, sums, sq_dev)
 
     def class_means(self) -> ClassMeans:
         """Global class means and the global (sample) mean; every class needs a sample."""
@@ -387,10 +393,12 @@ class Round1Stats:
         sq_dev = _expect(_as_array(arrays, "sq_dev", where), "sq_dev", (K,), "float")
         if (sq_dev < 0).any():
             raise MetricInputError("field 'sq_dev' has a negative sum of squares")
-        if ((counts == 0) & (np.abs(sums).sum(axis=1) > 0)).any():
-            raise MetricInputError("field 'sums' is non-zero for a class whose count is 0")
-        if ((counts == 0) & (sq_dev > 0)).any():
-            raise MetricInputError("field 'sq_dev' is non-zero for a class whose count is 0")
+        empty = counts == 0
+        if empty.any():
+            if np.any(sums[empty] != 0):
+                raise MetricInputError("field 'sums' is non-zero for a class whose count is 0")
+            if np.any(sq_dev[empty] != 0):
+                raise MetricInputError("field 'sq_dev' is non-zero for a class whose count is 0")
         return cls(counts, sums, sq_dev)
 
 
@@ -495,7 +503,7 @@ def round1_stats(h_NP: np.ndarray, y_N: np.ndarray, num_classes: int) -> Round1S
     parts = _map_parts(accumulate, y_N.size, P)
     total = parts[0]
     for part_stats in parts[1:]:
-        total = total.merge(part_stats)
+        total.merge_in_place(part_stats)
     if not (np.isfinite(total.sums_KP).all() and np.isfinite(total.sq_dev_K).all()):
         raise _non_finite_error(h_NP)
     return total

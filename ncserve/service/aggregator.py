@@ -25,6 +25,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -34,9 +35,11 @@ import numpy as np
 from ncserve.metrics import (
     ClassMeans,
     MetricInputError,
+    PreparedFinalize,
     Round1Stats,
     Round2Stats,
-    finalize,
+    complete_finalize,
+    prepare_finalize,
 )
 from ncserve.service.errors import (
     AlreadyExists,
@@ -153,6 +156,8 @@ class _OpenStep:
     weight: np.ndarray | None = None
     bias: np.ndarray | None = None
     means: ClassMeans | None = None
+    # The round-1 part of finalize, computed in the background once round 1 is complete.
+    prepared: Future[PreparedFinalize] | None = None
     r2: Round2Stats | None = None
     r2_shards: dict[int, ShardRecord] = field(default_factory=dict)
     holdout: Round2Stats | None = None
@@ -248,6 +253,9 @@ class Aggregator:
         self._runs: dict[str, RunRecord] = {}
         self._open: dict[tuple[str, int], _OpenStep] = {}
         self._shutting_down = False
+        # Everything of a finalize that needs only round 1 runs here while round 2 arrives,
+        # so the last round-2 shard pays only for the round-2 part.
+        self._prepare_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ncserve-prep")
         self._restore()
 
     # -- startup -----------------------------------------------------------------------------
@@ -286,6 +294,7 @@ class Aggregator:
                 except MetricInputError as exc:
                     self._close_incomplete(state, f"round 1 cannot give class means: {exc}")
                     continue
+                self._start_prepare(state)
             self._open[(run.run_id, record.step)] = state
         self._metrics.set_open_steps(len(self._open))
         log.info("restored %d runs and %d open steps", len(self._runs), len(self._open))
@@ -652,6 +661,13 @@ class Aggregator:
                 self._metrics.set_open_steps(len(self._open))
             return state, None
 
+    def _start_prepare(self, state: _OpenStep) -> None:
+        """Start the round-1 part of the step's finalize (round 1 complete, W known)."""
+        if state.r1 is not None and state.weight is not None:
+            state.prepared = self._prepare_pool.submit(
+                prepare_finalize, state.r1, state.weight, state.bias
+            )
+
     @staticmethod
     def _repeat(previous: ShardRecord, shard: ShardRecord) -> PushResult:
         if previous.payload_sha256 != shard.payload_sha256:
@@ -664,7 +680,10 @@ class Aggregator:
 
     def _commit_round1(self, state: _OpenStep, items: list[_Pending]) -> None:
         run = state.run
-        merged = state.r1 or Round1Stats.zeros(run.num_classes, run.feature_dim)
+        # One copy per batch: the step's state changes only once the batch is stored.
+        merged = (
+            state.r1.copy() if state.r1 else Round1Stats.zeros(run.num_classes, run.feature_dim)
+        )
         shards = dict(state.r1_shards)
         weight, bias = state.weight, state.bias
         epoch = state.epoch
@@ -688,7 +707,7 @@ class Aggregator:
                 )
                 continue
             assert item.stats1 is not None
-            merged = merged.merge(item.stats1)
+            merged.merge_in_place(item.stats1)
             if weight is None and item.weight is not None:
                 weight, bias = item.weight, item.bias
             epoch = _max_epoch(epoch, item.push.epoch)
@@ -717,6 +736,7 @@ class Aggregator:
                 return
             with self._lock:
                 state.means = means
+                self._start_prepare(state)
                 if state.r2 is None:
                     state.r2 = Round2Stats.zeros(run.num_classes, run.feature_dim)
                 self._bump()
@@ -798,7 +818,12 @@ class Aggregator:
         started = time.perf_counter()
         assert state.r1 is not None and state.weight is not None
         try:
-            metrics: dict[str, float] = dict(finalize(state.r1, r2, state.weight, state.bias))
+            prepared = (
+                state.prepared.result()
+                if state.prepared is not None
+                else prepare_finalize(state.r1, state.weight, state.bias)
+            )
+            metrics: dict[str, float] = dict(complete_finalize(prepared, r2))
         except MetricInputError as exc:
             self._close_incomplete(state, f"finalize failed: {exc}")
             return False
