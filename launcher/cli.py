@@ -314,6 +314,15 @@ FLAGS: tuple[Flag, ...] = (
         click.FloatRange(min=0, min_open=True),
     ),
     Flag(
+        ("--measure-in-background/--measure-in-foreground",),
+        "tracking.background",
+        "In the background, a measurement holds training only for its forward pass: the "
+        "statistics and the rounds with the service run in a thread while training goes on "
+        "(settled at the next measurement, checkpoint and the end). In the foreground, "
+        "training waits for the metrics.",
+        is_flag=True,
+    ),
+    Flag(
         ("--buffer-mb",),
         "tracking.buffer_mb",
         "MiB of undelivered measurements each rank keeps while the service is unreachable "

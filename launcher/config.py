@@ -191,6 +191,11 @@ class TrackingConfig(_Section):
     tls_cert: Path | None = Field(None, description="client certificate (mTLS)")
     tls_key: Path | None = Field(None, description="client key (mTLS)")
     deadline_s: float = Field(5.0, gt=0, description="per-call deadline towards the service")
+    background: bool = Field(
+        True,
+        description="measurements hold training only for their forward pass; the rounds "
+        "with the service run in a background thread",
+    )
     buffer_mb: float = Field(
         256.0,
         gt=0,

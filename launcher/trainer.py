@@ -159,6 +159,8 @@ class Trainer:
         self.epoch = 0
         self.measured_steps: set[int] = set()
         self.latest_metrics: dict[str, Any] = {}
+        # Rows of measurements still running in the tracker's background thread, by step.
+        self._unsettled: dict[int, dict[str, Any]] = {}
         self.tracker: Tracker | None = None
         self.csv: CSVSink | None = None
         self.tensorboard: TensorBoardSink | None = None
@@ -366,6 +368,7 @@ class Trainer:
             tls=tls,
             deadline_s=tracking.deadline_s,
             max_buffer_bytes=int(tracking.buffer_mb * (1 << 20)),
+            background=tracking.background,
         )
 
     def maybe_resume(self) -> None:
@@ -463,6 +466,7 @@ class Trainer:
                 every = config.checkpoint_every
                 if last or (every and self.epoch % every == 0):
                     self.save_checkpoint()
+            self.settle_measurements()
         log.info("finished: %d steps, %d epochs", self.step, self.epoch)
         return self.latest_metrics if self.rank == 0 else None
 
@@ -516,6 +520,7 @@ class Trainer:
         scalars = {"lr": self.engine.current_lr(), **(train_scalars or {})}
         module = self.engine.module
         started = time.perf_counter()
+        self.settle_measurements()
         module.eval()
         try:
             if self.tracker is not None:
@@ -532,9 +537,37 @@ class Trainer:
         finally:
             module.train()
         self.measured_steps.add(step)
-        measure_time_s = time.perf_counter() - started
+        # Rank 0's seconds in the last epoch's training steps and the seconds this held the
+        # training loop (with a background measurement: its forward pass).
+        pending: dict[str, Any] = {
+            "step": step,
+            "epoch": epoch,
+            "scalars": scalars,
+            "epoch_time_s": epoch_time_s,
+            "measure_time_s": time.perf_counter() - started,
+        }
+        if self.tracker is not None and self.tracker.background:
+            self._unsettled[step] = pending
+            if self.progress is not None and train_scalars:
+                self.progress.epoch_done(epoch, train_scalars, {})  # the metrics follow
+            return None
+        return self._record_measurement(pending, metrics, late=False)
+
+    def settle_measurements(self) -> None:
+        """Record every measurement the tracker finished in the background (a collective)."""
+        if self.tracker is None:
+            return
+        for step, metrics in self.tracker.settle():
+            self._record_measurement(self._unsettled.pop(step), metrics, late=True)
+        self._unsettled.clear()  # ranks other than 0 get no metrics
+
+    def _record_measurement(
+        self, pending: dict[str, Any], metrics: dict[str, Any] | None, late: bool
+    ) -> dict[str, Any] | None:
+        """Rank 0 stores the row of a measurement: metrics.jsonl, sinks, progress, log."""
         if self.rank != 0:
             return None
+        step, epoch, scalars = pending["step"], pending["epoch"], pending["scalars"]
         row: dict[str, Any] = {
             "run_id": self.config.run_id,
             "step": step,
@@ -549,10 +582,9 @@ class Trainer:
         if holdout is not None:
             row["holdout_acc"] = holdout
         row["wall_time"] = time.time()
-        # Rank 0's seconds in the last epoch's training steps and in this measurement.
-        if epoch_time_s is not None:
-            row["epoch_time_s"] = epoch_time_s
-        row["measure_time_s"] = measure_time_s
+        if pending["epoch_time_s"] is not None:
+            row["epoch_time_s"] = pending["epoch_time_s"]
+        row["measure_time_s"] = pending["measure_time_s"]
         row |= {k: v for k, v in metrics.items() if k not in row}
         self.run_dir.append_metrics(row)
         if self.csv is not None:
@@ -561,7 +593,9 @@ class Trainer:
             self.tensorboard.write_measurement(row, (*METRIC_KEYS, "holdout_nc4"))
         self.latest_metrics = row
         if self.progress is not None:
-            self.progress.epoch_done(epoch, train_scalars or {}, row)
+            # A measurement settled late shows its metrics, not its (older) training loss.
+            train = {} if late else {k: v for k, v in scalars.items() if k != "lr"}
+            self.progress.epoch_done(epoch, train, row)
         log.info(
             "measured step %d epoch %d: %s",
             step,
@@ -589,6 +623,8 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> Path:
+        # The checkpoint lists the measured steps: their rows are written first.
+        self.settle_measurements()
         if self.rank == 0:
             self.checkpoints.prepare_staging(self.step)
         dist.barrier()

@@ -105,6 +105,52 @@ def test_service_down_measures_locally_and_replays(tmp_path):
         server.stop(grace_s=1)
 
 
+def test_background_measurement_holds_the_model_state_of_its_step(tmp_path):
+    """measure(background=True) returns at once; settle() gives the metrics of the model as
+    it was at the measured step, even though training changed it meanwhile."""
+    torch.manual_seed(4)
+    net = Net()
+    x, y = make_data(seed=6)
+    want = reference(net, x, y)
+    tracker = Tracker(net, run_id="bg", run_dir=tmp_path, background=True)
+    try:
+        assert tracker.measure(batches(x, y), step=7, epoch=1, scalars={"train_loss": 0.5}) is None
+        with torch.no_grad():  # "training" goes on while the rounds run in the background
+            for param in net.parameters():
+                param.add_(1.0)
+        settled = tracker.settle()
+        assert [step for step, _ in settled] == [7] and tracker.settle() == []
+        # The next measurement settles the previous one itself (here: nothing pending).
+        assert tracker.measure(batches(x, y), step=8, epoch=2) is None
+        later = tracker.settle()
+    finally:
+        tracker.close()
+    for key in METRIC_KEYS:
+        assert settled[0][1][key] == pytest.approx(want[key], rel=1e-9, abs=1e-12), key
+    assert [step for step, _ in later] == [8]
+    assert later[0][1]["nc0"] == pytest.approx(reference(net, x, y)["nc0"], rel=1e-12)
+    assert tracker.local_fallbacks == 0
+
+
+def test_background_measurement_with_the_service_down_settles_locally(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.manual_seed(5)
+    net = Net()
+    x, y = make_data(seed=7)
+    tracker = Tracker(
+        net, target=f"127.0.0.1:{port}", run_id="bgdown", run_dir=tmp_path, deadline_s=0.5
+    )
+    assert tracker.measure(batches(x, y), step=2, background=True) is None
+    settled = tracker.settle()
+    report = tracker.close(timeout_s=0.5)
+    assert tracker.local_fallbacks == 1 and report.persisted
+    want = reference(net, x, y)
+    for key in METRIC_KEYS:
+        assert settled[0][1][key] == pytest.approx(want[key], rel=1e-9, abs=1e-12), key
+
+
 def _worker(rank, world, port, target, run_dir, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)

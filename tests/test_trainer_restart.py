@@ -57,8 +57,10 @@ def test_killed_worker_restarts_from_checkpoint(
     log0 = (run_dir / "logs" / "rank0.log").read_text()
     assert "restart 1" in log0, "the elastic agent did not restart the workers"
     assert "resumed from" in log0 and "at step 16" in log0
-    # Measured before the kill: not measured (and stored) again after the restart.
-    assert "step 24 already measured" in log0
+    # Step 24 was measured before the kill. Whether its row reached metrics.jsonl by then
+    # (the trainer then skips it) or it was still settling in the background (the workers
+    # push the identical shards again, which the service recognises as repeats), it is
+    # stored once, with the uninterrupted run's values.
     _same_measurements(metrics(run_dir), uninterrupted)
     # The embedded service, which outlived the workers, stored no step twice.
     assert_service_stored_rows_once(
@@ -79,6 +81,6 @@ def test_failed_run_continues_with_resume(
     again = nclaunch(*COMMON, "--run-dir", str(run_dir))
     assert again.returncode == 2 and "--resume" in again.stderr
     run_ok("--resume", "--run-dir", str(run_dir))
-    assert "step 24 already measured" in (run_dir / "logs" / "rank0.log").read_text()
+    # As above: step 24, measured before the failure, is stored once whatever the timing.
     _same_measurements(metrics(run_dir), uninterrupted)
     assert_service_stored_rows_once(run_dir, world_size=2, scenario="worker kill -9, --resume")

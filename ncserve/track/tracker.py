@@ -19,6 +19,8 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +91,33 @@ def _is_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+@dataclass
+class _Capture:
+    """What a measurement takes from the model at its step (the only part that must run
+    in the training loop): features, labels and the classifier, plus the step's context."""
+
+    step: int
+    epoch: int | None
+    scalars: dict[str, float]
+    h_NP: np.ndarray
+    y_N: np.ndarray
+    holdout: tuple[np.ndarray, np.ndarray] | None
+    w_KP: np.ndarray
+    b_K: np.ndarray | None
+
+
+@dataclass
+class _Outcome:
+    """How this rank's two rounds with the service went (no collectives were involved)."""
+
+    r1: Round1Stats
+    stored: bool = False
+    means: ClassMeans | None = None
+    r2: Round2Stats | None = None
+    holdout: Round2Stats | None = None
+    metrics: dict[str, float] | None = None
+
+
 class Tracker:
     """Measure NC0-NC4 of ``model`` through the ncserve service.
 
@@ -111,6 +140,10 @@ class Tracker:
         tensorboard: also write TensorBoard event files to this folder: each measurement
             (``nc/*``, ``train/*``) and each ``record_nc0`` (``step/*``); needs the
             ``ncserve[tensorboard]`` extra. Both exporters are written by rank 0.
+        background: default of ``measure(background=...)``: when True, a measurement holds
+            the training loop only for its forward pass; the statistics and the exchange
+            with the service run in a background thread while training goes on, and the
+            result comes from ``settle()`` (called by the next measurement and by close()).
 
     Use it as a context manager, or call ``close()`` at the end of training.
     """
@@ -132,6 +165,7 @@ class Tracker:
         world_size: int | None = None,
         csv: str | Path | None = None,
         tensorboard: str | Path | None = None,
+        background: bool = False,
     ) -> None:
         if isinstance(model, nn.parallel.DistributedDataParallel):
             # Its forward may broadcast buffers (a collective); measuring needs no gradients.
@@ -184,6 +218,10 @@ class Tracker:
             run_id, self.num_classes, self.feature_dim, self.world_size, dict(metadata or {})
         )
         self.local_fallbacks = 0
+        self.background = bool(background)
+        self._worker: ThreadPoolExecutor | None = None
+        self._pending: tuple[_Capture, Future[_Outcome]] | None = None
+        self._concluded: list[tuple[int, dict[str, float]]] = []
 
     # -- the embedded service ---------------------------------------------------------------
 
@@ -371,11 +409,17 @@ class Tracker:
         return torch.device("cpu")
 
     def _all_true(self, flag: bool) -> bool:
+        return self._all_true_many(flag)[0]
+
+    def _all_true_many(self, *flags: bool) -> list[bool]:
+        """For each flag, whether it holds on every rank (one all-reduce for all of them)."""
         if not (_is_initialized() and self.world_size > 1):
-            return flag
-        t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=self._collective_device())
+            return list(flags)
+        t = torch.tensor(
+            [1 if f else 0 for f in flags], dtype=torch.int32, device=self._collective_device()
+        )
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
-        return bool(t.item())
+        return [bool(v) for v in t.tolist()]
 
     def _barrier(self) -> None:
         if _is_initialized() and self.world_size > 1:
@@ -397,88 +441,144 @@ class Tracker:
         epoch: int | None = None,
         holdout_loader: Iterable[Any] | None = None,
         scalars: Mapping[str, float] | None = None,
+        background: bool | None = None,
     ) -> dict[str, float] | None:
         """Measure at ``step`` on every rank (a collective). Rank 0 gets the metrics dict.
 
         Each rank passes its own shard of the measurement split. ``scalars`` (train loss,
         accuracy, lr, ...) are stored with the measurement.
+
+        ``background`` (default: the tracker's): return right after the forward pass over
+        ``loader`` and do the rest while training goes on; the metrics then come from
+        ``settle()``, and this returns None. A measurement still in the background is
+        settled first (every rank must use the same mode in the same order).
         """
-        K = self.num_classes
+        self._settle_pending()
+        capture = self._capture(loader, step, epoch, holdout_loader, scalars)
+        if self.background if background is None else background:
+            if self._worker is None:
+                self._worker = ThreadPoolExecutor(1, thread_name_prefix="ncserve-track")
+            self._pending = (capture, self._worker.submit(self._service_rounds, capture))
+            return None
+        return self._conclude(capture, self._service_rounds(capture))
+
+    def settle(self) -> list[tuple[int, dict[str, float]]]:
+        """Finish a measurement running in the background (a collective: call on every rank).
+
+        Returns the (step, metrics) of every measurement concluded since the last call, on
+        rank 0 (an empty list elsewhere). Waits at most about two ``deadline_s``; if the
+        service did not answer by then, the ranks finish it among themselves as ``measure``
+        does.
+        """
+        self._settle_pending()
+        concluded, self._concluded = self._concluded, []
+        return concluded
+
+    def _settle_pending(self) -> None:
+        if self._pending is None:
+            return
+        capture, future = self._pending
+        self._pending = None
+        metrics = self._conclude(capture, future.result())
+        if metrics is not None:
+            self._concluded.append((capture.step, metrics))
+
+    def _capture(
+        self,
+        loader: Iterable[Any],
+        step: int,
+        epoch: int | None,
+        holdout_loader: Iterable[Any] | None,
+        scalars: Mapping[str, float] | None,
+    ) -> _Capture:
         h_NP, y_N = self.features(loader)
+        holdout = self.features(holdout_loader) if holdout_loader is not None else None
         w_KP, b_K = self.classifier_arrays()
-        r1 = round1_stats(h_NP, y_N, K)
-        means: ClassMeans | None = None
-        stored = False
+        return _Capture(step, epoch, dict(scalars or {}), h_NP, y_N, holdout, w_KP, b_K)
+
+    def _service_rounds(self, c: _Capture) -> _Outcome:
+        """Both rounds with the service for this rank, without any collective (so it can run
+        in a background thread); the outcome says how far it got."""
+        out = _Outcome(round1_stats(c.h_NP, c.y_N, self.num_classes))
         try:
             self.client.push_round1(
                 self.run_id,
-                step,
+                c.step,
                 self.rank,
-                r1,
-                weight_KP=w_KP if self.rank == 0 else None,
-                bias_K=b_K if self.rank == 0 else None,
-                epoch=epoch,
+                out.r1,
+                weight_KP=c.w_KP if self.rank == 0 else None,
+                bias_K=c.b_K if self.rank == 0 else None,
+                epoch=c.epoch,
             )
             # The service holds the answer until every rank's round 1 is in, so no barrier
             # is needed; waiting for slower ranks is bounded by the deadline like any call.
-            means = self.client.fetch_class_means(
-                self.run_id, step, timeout_s=self.deadline_s, rank=self.rank
+            out.means = self.client.fetch_class_means(
+                self.run_id, c.step, timeout_s=self.deadline_s, rank=self.rank
             )
         except ServiceError as error:
             # A run resumed after a crash between the service's finalize and its own record
             # of the step: the service keeps the measurement it has; it is not taken twice.
             if not _is_finalized(error):
                 raise
-            stored = True
-        if not self._all_true(not stored):
-            return self._stored_metrics(step) if self.rank == 0 else None
-        local = not self._all_true(means is not None)
-        r1_all: list[Round1Stats] | None = None
-        if local:
-            # Deterministic on every rank: the same shards merged in rank order.
-            r1_all = self._gather(r1)
-            merged = Round1Stats.zeros(K, self.feature_dim)
-            for shard in r1_all:
-                merged = merged.merge(shard)
-            means = merged.class_means()
-        assert means is not None
-        r2 = round2_stats(h_NP, y_N, means, w_KP, b_K)
-        holdout = None
-        if holdout_loader is not None:
-            hh_NP, hy_N = self.features(holdout_loader)
-            holdout = round2_stats(hh_NP, hy_N, means, w_KP, b_K)
+            out.stored = True
+            return out
+        if out.means is None:
+            return out
+        self._round2(c, out, out.means)
+        if self.rank == 0:
+            out.metrics = self._await_service_metrics(c.step)
+        return out
+
+    def _round2(self, c: _Capture, out: _Outcome, means: ClassMeans) -> None:
+        """Round-2 statistics with ``means`` (and the held-out split's), pushed."""
+        out.r2 = round2_stats(c.h_NP, c.y_N, means, c.w_KP, c.b_K)
+        if c.holdout is not None:
+            out.holdout = round2_stats(*c.holdout, means, c.w_KP, c.b_K)
         self.client.push_round2(
             self.run_id,
-            step,
+            c.step,
             self.rank,
-            r2,
-            holdout=holdout,
-            scalars=dict(scalars or {}) if self.rank == 0 else None,
-            epoch=epoch,
-            num_classes=K,
+            out.r2,
+            holdout=out.holdout,
+            scalars=c.scalars if self.rank == 0 else None,
+            epoch=c.epoch,
+            num_classes=self.num_classes,
             feature_dim=self.feature_dim,
         )
-        metrics = None
-        if not local and self.rank == 0:
-            metrics = self._await_service_metrics(step)
-        if not self._all_true(self.rank != 0 or metrics is not None):
-            local = True
-        if local:
+
+    def _conclude(self, c: _Capture, out: _Outcome) -> dict[str, float] | None:
+        """Agree across ranks on how the rounds went and finish the measurement (rank 0
+        returns the metrics): the service's, the stored ones of a step measured before a
+        restart, or, when the service did not answer in time, computed among the ranks."""
+        not_stored, have_means, have_metrics = self._all_true_many(
+            not out.stored, out.means is not None, self.rank != 0 or out.metrics is not None
+        )
+        if not not_stored:
+            return self._stored_metrics(c.step) if self.rank == 0 else None
+        metrics = out.metrics
+        if not (have_means and have_metrics):
             self.local_fallbacks += 1
-            if r1_all is None:
-                r1_all = self._gather(r1)
-            r2_all = self._gather((r2, holdout))
+            # Deterministic on every rank: the same shards merged in rank order.
+            r1_all = self._gather(out.r1)
+            if not have_means and out.r2 is None:
+                merged = Round1Stats.zeros(self.num_classes, self.feature_dim)
+                for shard in r1_all:
+                    merged.merge_in_place(shard)
+                self._round2(c, out, merged.class_means())
+            r2_all = self._gather((out.r2, out.holdout))
             if self.rank == 0:
-                metrics = self._finalize_locally(r1_all, r2_all, w_KP, b_K)
+                metrics = self._finalize_locally(r1_all, r2_all, c.w_KP, c.b_K)
                 log.warning(
                     "step %d: ncserve at %s did not answer in time; metrics computed on the "
                     "ranks, the service gets them when it is back",
-                    step,
+                    c.step,
                     self.target,
                 )
-        if self.rank == 0 and metrics is not None:
-            self._export_measurement(step, epoch, dict(scalars or {}), metrics)
-        return metrics if self.rank == 0 else None
+        if self.rank != 0:
+            return None
+        assert metrics is not None
+        self._export_measurement(c.step, c.epoch, c.scalars, metrics)
+        return metrics
 
     def _export_measurement(
         self, step: int, epoch: int | None, scalars: dict[str, float], metrics: dict[str, float]
@@ -572,6 +672,10 @@ class Tracker:
         to be down and the rest stays in the spool (``ncserve replay RUN_DIR`` delivers it),
         so an outage costs the end of training one deadline, not ``timeout_s``.
         """
+        self._settle_pending()
+        if self._worker is not None:
+            self._worker.shutdown()
+            self._worker = None
         limit = time.monotonic() + (timeout_s if timeout_s is not None else 30.0)
         report = self.client.report()
         while report.buffered and (remaining := limit - time.monotonic()) > 0:
