@@ -311,3 +311,18 @@ def test_prepared_finalize_equals_finalize():
     assert complete_finalize(prepared, r2) == finalize(r1, r2, W, b)
     with pytest.raises(MetricInputError, match="round 2 covers"):
         complete_finalize(prepared, Round2Stats.zeros(7, 5))
+
+
+def test_two_shards_merge_to_the_same_bits_in_either_order():
+    """The service merges shards in arrival order; with two ranks that order must not show in
+    the bits (the deterministic restart tests compare runs bit for bit)."""
+    rng = np.random.default_rng(12)
+    for _ in range(50):
+        h = rng.normal(size=(40, 7)) * 10 + 50
+        y = rng.integers(0, 5, 40)
+        y[:5] = np.arange(5)
+        a, b = round1_stats(h[:20], y[:20], 5), round1_stats(h[20:], y[20:], 5)
+        zero = Round1Stats.zeros(5, 7)
+        ab, ba = zero.merge(a).merge(b), zero.merge(b).merge(a)
+        np.testing.assert_array_equal(ab.sums_KP, ba.sums_KP)
+        np.testing.assert_array_equal(ab.sq_dev_K, ba.sq_dev_K)

@@ -72,15 +72,18 @@ def test_failed_run_continues_with_resume(
     tmp_path: Path, uninterrupted: list[dict[str, Any]]
 ) -> None:
     run_dir = tmp_path / "resumed"
+    # In the foreground every measurement's row is written before training goes on, so the
+    # trainer itself knows step 24 is stored and does not measure it again after --resume.
     failed = nclaunch(
-        *COMMON, "--epochs", str(EPOCHS), "--run-dir", str(run_dir), env={FAULT_ENV: KILL_AT}
-    )
+        *COMMON, "--measure-in-foreground", "--epochs", str(EPOCHS), "--run-dir", str(run_dir),
+        env={FAULT_ENV: KILL_AT},
+    )  # fmt: skip
     assert failed.returncode == 1
     assert "training failed: rank 1" in failed.stdout
     # A second launch on the same directory must not clobber it by accident.
     again = nclaunch(*COMMON, "--run-dir", str(run_dir))
     assert again.returncode == 2 and "--resume" in again.stderr
     run_ok("--resume", "--run-dir", str(run_dir))
-    # As above: step 24, measured before the failure, is stored once whatever the timing.
+    assert "step 24 already measured" in (run_dir / "logs" / "rank0.log").read_text()
     _same_measurements(metrics(run_dir), uninterrupted)
     assert_service_stored_rows_once(run_dir, world_size=2, scenario="worker kill -9, --resume")

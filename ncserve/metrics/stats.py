@@ -174,7 +174,11 @@ def _chan_merge_into(
     delta = sums_JP * (1.0 / np.maximum(n_b, 1.0))[:, None]
     delta -= sums_KP[classes] * (1.0 / np.maximum(n_a, 1.0))[:, None]
     weight = n_a * n_b / np.maximum(n_a + n_b, 1.0)
-    sq_dev_K[classes] += sq_dev_J + np.einsum("kp,kp->k", delta, delta) * weight
+    # (S_a + S_b) + correction: symmetric in a and b (delta only changes sign), so merging
+    # two shards gives the same bits in either order.
+    sq_dev_K[classes] = (sq_dev_K[classes] + sq_dev_J) + np.einsum(
+        "kp,kp->k", delta, delta
+    ) * weight
     counts_K[classes] += counts_J
     sums_KP[classes] += sums_JP
 
