@@ -665,7 +665,9 @@ class Tracker:
         return nc0, nc0_normalized
 
     def close(self, timeout_s: float | None = None) -> DeliveryReport:
-        """Deliver what is buffered, then stop the embedded service.
+        """Settle a measurement still running in the background (a collective; call
+        ``settle()`` first to get its metrics), deliver what is buffered, then stop the
+        embedded service.
 
         Delivery goes on for up to ``timeout_s`` (default 30 s) while the service takes
         calls. When a whole ``deadline_s`` passes with nothing delivered, the service is taken
