@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -15,6 +14,7 @@ from torch import nn
 from ncserve.metrics import METRIC_KEYS, compute_metrics
 from ncserve.service import ServerConfig, start_server
 from ncserve.track import Tracker, TrackerError, find_classifier
+from tests.reliability_support import free_port
 
 
 class Net(nn.Module):
@@ -75,9 +75,7 @@ def test_single_process_with_embedded_service(tmp_path):
 
 def test_service_down_measures_locally_and_replays(tmp_path):
     """No service at the target: metrics still come back, and the pushes wait in the spool."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     torch.manual_seed(1)
     net = Net()
     x, y = make_data(seed=3)
@@ -133,9 +131,7 @@ def test_background_measurement_holds_the_model_state_of_its_step(tmp_path):
 
 
 def test_background_measurement_with_the_service_down_settles_locally(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     torch.manual_seed(5)
     net = Net()
     x, y = make_data(seed=7)
@@ -168,9 +164,7 @@ def _worker(rank, world, port, target, run_dir, out):
 
 def test_two_gloo_ranks_equal_the_whole_dataset(tmp_path):
     server = start_server(ServerConfig(listen="127.0.0.1:0", db_path=tmp_path / "db.sqlite"))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     out = tmp_path / "out.pt"
     try:
         mp.spawn(_worker, args=(2, port, server.address, str(tmp_path), str(out)), nprocs=2)
@@ -186,9 +180,7 @@ def test_two_gloo_ranks_equal_the_whole_dataset(tmp_path):
 
 def test_buffer_bound_reports_exactly_what_was_dropped(tmp_path):
     """Service down and a small buffer: later measurements are dropped and named, not lost silently."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     torch.manual_seed(2)
     net = Net(p=64, k=4)
     x, y = make_data(seed=4)

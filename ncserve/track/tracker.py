@@ -558,16 +558,15 @@ class Tracker:
         metrics = out.metrics
         if not (have_means and have_metrics):
             self.local_fallbacks += 1
-            # Deterministic on every rank: the same shards merged in rank order.
-            r1_all = self._gather(out.r1)
+            # Deterministic on every rank: the same shards merged in rank order, once.
+            r1 = Round1Stats.zeros(self.num_classes, self.feature_dim)
+            for shard in self._gather(out.r1):
+                r1.merge_in_place(shard)
             if not have_means and out.r2 is None:
-                merged = Round1Stats.zeros(self.num_classes, self.feature_dim)
-                for shard in r1_all:
-                    merged.merge_in_place(shard)
-                self._round2(c, out, merged.class_means())
+                self._round2(c, out, r1.class_means())
             r2_all = self._gather((out.r2, out.holdout))
             if self.rank == 0:
-                metrics = self._finalize_locally(r1_all, r2_all, c.w_KP, c.b_K)
+                metrics = self._finalize_locally(r1, r2_all, c.w_KP, c.b_K)
                 log.warning(
                     "step %d: ncserve at %s did not answer in time; metrics computed on the "
                     "ranks, the service gets them when it is back",
@@ -628,17 +627,15 @@ class Tracker:
 
     def _finalize_locally(
         self,
-        r1_all: list[Round1Stats],
+        r1: Round1Stats,
         r2_all: list[tuple[Round2Stats, Round2Stats | None]],
         w_KP: np.ndarray,
         b_K: np.ndarray | None,
     ) -> dict[str, float]:
-        K, P = self.num_classes, self.feature_dim
-        r1 = Round1Stats.zeros(K, P)
-        r2 = Round2Stats.zeros(K, P)
+        """The metrics from the ranks' merged round 1 and their round-2 shards."""
+        r2 = Round2Stats.zeros(self.num_classes, self.feature_dim)
         held: Round2Stats | None = None
-        for shard1, (shard2, shard_holdout) in zip(r1_all, r2_all, strict=True):
-            r1 = r1.merge(shard1)
+        for shard2, shard_holdout in r2_all:
             r2 = r2.merge(shard2)
             if shard_holdout is not None:
                 held = shard_holdout if held is None else held.merge(shard_holdout)
