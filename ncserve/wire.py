@@ -4,11 +4,14 @@ Shared by the service and the client so both sides agree byte for byte.
 
 A stream is the tensors in the order given, each split into pieces of at most
 ``MAX_PIECE_BYTES`` raw little-endian bytes (float64 or int64), numbered from 0,
-then one trailer with the number of pieces and tensors, the total byte count and
-the CRC-32 of all bytes. ``ArrayAssembler`` rebuilds the arrays and rejects a
-stream with a gap, a repeat, a truncation, a size or checksum mismatch, or a
-tensor that is not what it claims to be, raising ``WireError`` with the field
-and the value at fault.
+then one trailer with the number of pieces and tensors, the total byte count, and
+the CRC-32 and SHA-256 of all bytes. ``ArrayAssembler`` rebuilds the arrays and
+rejects a stream with a gap, a repeat, a truncation, a size or checksum mismatch,
+or a tensor that is not what it claims to be, raising ``WireError`` with the field
+and the value at fault. Each received byte is hashed once: the service computes the
+SHA-256 of a push anyway (it identifies the shard), so it checks that digest (the
+CRC-32 only for a trailer without one); a client reading class means checks the
+cheaper CRC-32.
 """
 
 from __future__ import annotations
@@ -65,6 +68,7 @@ def encode_arrays(
     seq = 0
     total = 0
     crc = 0
+    sha256 = hashlib.sha256()
     for name, value in arrays.items():
         array = np.asarray(value)
         code, dtype = wire_dtype(array)
@@ -75,6 +79,7 @@ def encode_arrays(
         for offset in offsets:
             data = raw[offset : offset + max_piece_bytes].tobytes()
             crc = zlib.crc32(data, crc)
+            sha256.update(data)
             total += len(data)
             yield pb.TensorChunk(
                 seq=seq,
@@ -84,7 +89,11 @@ def encode_arrays(
     yield pb.TensorChunk(
         seq=seq,
         trailer=pb.StreamTrailer(
-            num_pieces=seq, num_tensors=len(arrays), total_bytes=total, crc32=crc
+            num_pieces=seq,
+            num_tensors=len(arrays),
+            total_bytes=total,
+            crc32=crc,
+            sha256=sha256.digest(),
         ),
     )
 
@@ -105,9 +114,12 @@ class ArrayAssembler:
 
     ``max_total_bytes`` bounds what a sender can make the receiver allocate; it is
     checked against each tensor's declared shape before any buffer is allocated.
+    With ``digest`` (the service's pushes) it computes the SHA-256 of the bytes, which
+    ``sha256_hex`` gives and which is checked against the trailer's; without (a client
+    reading class means) it checks the cheaper CRC-32 only.
     """
 
-    def __init__(self, max_total_bytes: int, max_tensors: int = 64) -> None:
+    def __init__(self, max_total_bytes: int, max_tensors: int = 64, digest: bool = True) -> None:
         self._max_total_bytes = max_total_bytes
         self._max_tensors = max_tensors
         self._arrays: dict[str, np.ndarray] = {}
@@ -115,8 +127,7 @@ class ArrayAssembler:
         self._declared_bytes = 0
         self._next_seq = 0
         self._received = 0
-        self._crc = 0
-        self._sha256 = hashlib.sha256()
+        self._sha256 = hashlib.sha256() if digest else None
         self._done = False
 
     @property
@@ -131,6 +142,8 @@ class ArrayAssembler:
     @property
     def sha256_hex(self) -> str:
         """SHA-256 of the tensor bytes in stream order (the identity of a shard's payload)."""
+        if self._sha256 is None:
+            raise ValueError("this assembler was made with digest=False")
         return self._sha256.hexdigest()
 
     def feed(self, chunk: pb.TensorChunk) -> None:
@@ -149,9 +162,11 @@ class ArrayAssembler:
             raise WireError(f"chunk seq={chunk.seq} carries neither a piece nor a trailer")
 
     def _feed_piece(self, piece: pb.TensorPiece) -> None:
-        if len(piece.data) > MAX_PIECE_BYTES:
+        data = piece.data  # each attribute read copies the bytes out of the message
+        size = len(data)
+        if size > MAX_PIECE_BYTES:
             raise WireError(
-                f"piece of tensor {piece.name!r} has {len(piece.data)} bytes of data; "
+                f"piece of tensor {piece.name!r} has {size} bytes of data; "
                 f"at most {MAX_PIECE_BYTES} allowed"
             )
         if self._current is not None and piece.name != self._current.name:
@@ -169,17 +184,17 @@ class ArrayAssembler:
             raise WireError(
                 f"tensor {name!r} piece offset={piece.offset}; expected offset={current.filled}"
             )
-        end = current.filled + len(piece.data)
+        end = current.filled + size
         if end > len(current.buffer):
             raise WireError(
                 f"tensor {name!r} has more than the {len(current.buffer)} bytes "
                 f"its shape {list(current.shape)} holds"
             )
-        current.buffer[current.filled : end] = piece.data
+        current.buffer[current.filled : end] = data
         current.filled = end
-        self._received += len(piece.data)
-        self._crc = zlib.crc32(piece.data, self._crc)
-        self._sha256.update(piece.data)
+        self._received += size
+        if self._sha256 is not None:
+            self._sha256.update(data)
 
     def _open(self, piece: pb.TensorPiece) -> _TensorBuffer:
         name = piece.name
@@ -227,11 +242,23 @@ class ArrayAssembler:
             ("num_pieces", trailer.num_pieces, pieces),
             ("num_tensors", trailer.num_tensors, len(self._arrays)),
             ("total_bytes", trailer.total_bytes, self._received),
-            ("crc32", trailer.crc32, self._crc),
         )
         for field, claimed, actual in checks:
             if claimed != actual:
                 raise WireError(f"trailer {field}={claimed} but the stream carried {actual}")
+        if trailer.sha256 and self._sha256 is not None:
+            if trailer.sha256 != self._sha256.digest():
+                raise WireError(
+                    f"trailer sha256={trailer.sha256.hex()} but the stream carried "
+                    f"{self._sha256.hexdigest()}"
+                )
+        else:
+            # Over the tensors' bytes, which are in stream order.
+            crc = 0
+            for array in self._arrays.values():
+                crc = zlib.crc32(array.data, crc)
+            if trailer.crc32 != crc:
+                raise WireError(f"trailer crc32={trailer.crc32} but the stream carried {crc}")
         self._done = True
 
     def arrays(self) -> dict[str, np.ndarray]:
@@ -250,8 +277,8 @@ def _code_of(dtype: np.dtype) -> pb.DType:
 def decode_arrays(
     chunks: Iterable[pb.TensorChunk], max_total_bytes: int = 1 << 34
 ) -> dict[str, np.ndarray]:
-    """Rebuild the arrays of a whole stream (see ``ArrayAssembler``)."""
-    assembler = ArrayAssembler(max_total_bytes=max_total_bytes)
+    """Rebuild the arrays of a whole stream (see ``ArrayAssembler``; checked by CRC-32)."""
+    assembler = ArrayAssembler(max_total_bytes=max_total_bytes, digest=False)
     for chunk in chunks:
         assembler.feed(chunk)
     return assembler.arrays()

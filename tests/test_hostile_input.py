@@ -350,13 +350,19 @@ def stream_mutation(draw: st.DrawFn, req: Request) -> None:
             return messages[: int(rng.integers(0, n))]
         if kind == "trailer" and n > 1 and messages[-1].chunk.HasField("trailer"):
             last = _copy(messages[-1])
-            name = ["num_pieces", "num_tensors", "total_bytes", "crc32"][int(rng.integers(4))]
+            trailer = last.chunk.trailer
+            name = ["num_pieces", "num_tensors", "total_bytes", "crc32", "sha256"][
+                int(rng.integers(5))
+            ]
+            if name == "sha256":
+                digest = bytearray(trailer.sha256)
+                digest[int(rng.integers(len(digest)))] ^= 1 << int(rng.integers(8))
+                trailer.sha256 = bytes(digest)
+                return [*messages[:-1], last]
+            if name == "crc32":
+                trailer.ClearField("sha256")  # a sender without SHA-256: the CRC is checked
             limit = 2**32 if name == "crc32" else 2**64
-            setattr(
-                last.chunk.trailer,
-                name,
-                (getattr(last.chunk.trailer, name) + int(rng.integers(1, 2**31))) % limit,
-            )
+            setattr(trailer, name, (getattr(trailer, name) + int(rng.integers(1, 2**31))) % limit)
             return [*messages[:-1], last]
         if kind in ("huge_shape", "oversized_message", "oversized_piece", "empty_chunk",
                     "after_trailer", "no_header", "two_headers") or not pieces:  # fmt: skip

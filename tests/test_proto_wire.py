@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import zlib
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -91,11 +94,26 @@ BROKEN = {
     "truncated": (lambda c: c[:-1], "truncated"),
     "empty": (lambda c: [], "truncated"),
     "after trailer": (lambda c: [*c, c[-1]], "after the trailer"),
-    "crc": (lambda c: _altered(c, -1, trailer__crc32=c[-1].trailer.crc32 ^ 1), "crc32"),
+    "sha256": (
+        lambda c: _altered(c, -1, trailer__sha256=bytes([c[-1].trailer.sha256[0] ^ 1]) + bytes(31)),
+        "sha256",
+    ),
+    "crc, sender without sha256": (
+        lambda c: _altered(c, -1, trailer__sha256=b"", trailer__crc32=c[-1].trailer.crc32 ^ 1),
+        "crc32",
+    ),
     "total": (lambda c: _altered(c, -1, trailer__total_bytes=1), "total_bytes"),
     "pieces": (lambda c: _altered(c, -1, trailer__num_pieces=99), "num_pieces"),
     "flipped byte": (
         lambda c: _altered(c, 1, piece__data=bytes([c[1].piece.data[0] ^ 1]) + c[1].piece.data[1:]),
+        "sha256",
+    ),
+    "flipped byte, sender without sha256": (
+        lambda c: _altered(
+            _altered(c, -1, trailer__sha256=b""),
+            1,
+            piece__data=bytes([c[1].piece.data[0] ^ 1]) + c[1].piece.data[1:],
+        ),
         "crc32",
     ),
     "short tensor": (lambda c: _altered(c, 0, piece__shape=[6]), "ended after"),
@@ -108,12 +126,31 @@ BROKEN = {
 }
 
 
+def _assemble(chunks: list[pb.TensorChunk]) -> wire.ArrayAssembler:
+    assembler = wire.ArrayAssembler(max_total_bytes=1 << 20)  # as the service reads pushes
+    for chunk in chunks:
+        assembler.feed(chunk)
+    assembler.arrays()
+    return assembler
+
+
 @pytest.mark.parametrize("case", sorted(BROKEN))
 def test_broken_streams_are_rejected(case: str) -> None:
     mutate, message = BROKEN[case]
     with pytest.raises(wire.WireError, match=message) as info:
-        wire.decode_arrays(mutate(_stream()))
+        _assemble(mutate(_stream()))
     assert info.value.reason == ("truncated" if message == "truncated" else "invalid_argument")
+
+
+def test_reader_without_digest_checks_the_crc() -> None:
+    # decode_arrays (a client reading class means) skips the SHA-256 and checks the CRC-32.
+    flipped = BROKEN["flipped byte"][0](_stream())
+    with pytest.raises(wire.WireError, match="crc32"):
+        wire.decode_arrays(flipped)
+    wrong_digest = BROKEN["sha256"][0](_stream())
+    np.testing.assert_array_equal(wire.decode_arrays(wrong_digest)["counts"], np.arange(5))
+    with pytest.raises(ValueError, match="digest=False"):
+        _ = wire.ArrayAssembler(1 << 20, digest=False).sha256_hex
 
 
 def test_declared_size_over_limit_is_refused_before_allocating() -> None:
@@ -145,3 +182,22 @@ def test_digest_identifies_the_payload() -> None:
         b.feed(chunk)
     assert a.complete and b.complete
     assert a.sha256_hex != b.sha256_hex and len(a.sha256_hex) == 64
+
+
+def test_trailer_carries_both_checksums_of_the_bytes_in_stream_order() -> None:
+    chunks = _stream()
+    data = b"".join(c.piece.data for c in chunks if c.HasField("piece"))
+    trailer = chunks[-1].trailer
+    assert trailer.sha256 == hashlib.sha256(data).digest()
+    assert trailer.crc32 == zlib.crc32(data)
+    assembler = wire.ArrayAssembler(1 << 20)
+    for chunk in chunks:
+        assembler.feed(chunk)
+    assert assembler.sha256_hex == trailer.sha256.hex()
+
+
+def test_stream_of_a_sender_without_sha256_is_checked_by_its_crc() -> None:
+    chunks = _altered(_stream(), -1, trailer__sha256=b"")
+    arrays = _assemble(chunks).arrays()
+    np.testing.assert_array_equal(arrays["sums"], np.linspace(0, 1, 600).reshape(5, 120))
+    np.testing.assert_array_equal(arrays["counts"], np.arange(5))

@@ -82,11 +82,16 @@ def edited(edit: Callable[[list[pb.ShardChunk]], list[pb.ShardChunk]]):
     return lambda: edit(standard()())
 
 
-def _with_crc(messages: list[pb.ShardChunk], crc: int) -> list[pb.ShardChunk]:
+def _with_checksums(messages: list[pb.ShardChunk], crc: int, sha256: bytes) -> list[pb.ShardChunk]:
     last = pb.ShardChunk()
     last.CopyFrom(messages[-1])
     last.chunk.trailer.crc32 = crc
+    last.chunk.trailer.sha256 = sha256
     return [*messages[:-1], last]
+
+
+def _flipped(digest: bytes) -> bytes:
+    return bytes([digest[0] ^ 0xFF]) + digest[1:]
 
 
 def _round2_early() -> list[pb.ShardChunk]:
@@ -192,8 +197,14 @@ CASES: dict[str, Case] = {
     "empty stream": Case(push1(lambda: []), INVALID, "empty", "truncated"),
     "no header first": Case(push1(edited(lambda m: m[1:])), INVALID, "ShardHeader", "invalid_argument"),
     "two headers": Case(push1(edited(lambda m: [m[0], *m])), INVALID, "one ShardHeader", "invalid_argument"),
-    "checksum mismatch": Case(
-        push1(edited(lambda m: _with_crc(m, m[-1].chunk.trailer.crc32 ^ 0xFF))),
+    "digest mismatch": Case(
+        push1(edited(lambda m: _with_checksums(
+            m, m[-1].chunk.trailer.crc32, _flipped(m[-1].chunk.trailer.sha256)
+        ))),
+        INVALID, "sha256", "invalid_argument",
+    ),
+    "checksum mismatch, sender without sha256": Case(
+        push1(edited(lambda m: _with_checksums(m, m[-1].chunk.trailer.crc32 ^ 0xFF, b""))),
         INVALID, "crc32", "invalid_argument",
     ),
     "round in header not matching the RPC": Case(

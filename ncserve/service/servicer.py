@@ -125,6 +125,15 @@ def _push_reply(result: PushResult) -> pb.PushReply:
     )
 
 
+@dataclasses.dataclass
+class _EncodedMeans:
+    """The class means of one step, encoded once for all ranks (``lock`` guards ``chunks``)."""
+
+    means: ClassMeans
+    chunks: list[pb.TensorChunk] | None = None
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+
+
 class NCServicer(pb_grpc.NCServiceServicer):
     """Implements ncserve.v1.NCService on top of an Aggregator."""
 
@@ -141,9 +150,9 @@ class NCServicer(pb_grpc.NCServiceServicer):
         self._budget = ByteBudget(max_inflight_bytes, aggregator.limits.step_deadline_s)
         self._means_lock = threading.Lock()
         # Encoded once per step and shared by every rank's FetchClassMeans.
-        self._means_cache: collections.OrderedDict[
-            tuple[str, int], tuple[ClassMeans, list[pb.TensorChunk]]
-        ] = collections.OrderedDict()
+        self._means_cache: collections.OrderedDict[tuple[str, int], _EncodedMeans] = (
+            collections.OrderedDict()
+        )
 
     # -- runs --------------------------------------------------------------------------------
 
@@ -289,18 +298,22 @@ class NCServicer(pb_grpc.NCServiceServicer):
             _abort(context, exc)
 
     def _encoded_means(self, run_id: str, step: int, means: ClassMeans) -> list[pb.TensorChunk]:
+        # Every rank of a step asks at the same moment (when its round 1 completes): one
+        # of them encodes while the others wait for that, instead of each encoding again.
         key = (run_id, step)
         with self._means_lock:
-            cached = self._means_cache.get(key)
-            if cached is not None and cached[0] is means:
+            entry = self._means_cache.get(key)
+            if entry is None or entry.means is not means:
+                entry = _EncodedMeans(means)
+                self._means_cache[key] = entry
+                while len(self._means_cache) > _MEANS_CACHE_ENTRIES:
+                    self._means_cache.popitem(last=False)
+            else:
                 self._means_cache.move_to_end(key)
-                return cached[1]
-        chunks = list(wire.encode_arrays(means.to_arrays()))
-        with self._means_lock:
-            self._means_cache[key] = (means, chunks)
-            while len(self._means_cache) > _MEANS_CACHE_ENTRIES:
-                self._means_cache.popitem(last=False)
-        return chunks
+        with entry.lock:
+            if entry.chunks is None:
+                entry.chunks = list(wire.encode_arrays(means.to_arrays()))
+            return entry.chunks
 
     # -- scalars and queries -----------------------------------------------------------------
 

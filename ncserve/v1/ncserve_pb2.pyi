@@ -49,16 +49,18 @@ class TensorPiece(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class StreamTrailer(_message.Message):
-    __slots__ = ("num_pieces", "num_tensors", "total_bytes", "crc32")
+    __slots__ = ("num_pieces", "num_tensors", "total_bytes", "crc32", "sha256")
     NUM_PIECES_FIELD_NUMBER: _ClassVar[int]
     NUM_TENSORS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     CRC32_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
     num_pieces: int
     num_tensors: int
     total_bytes: int
     crc32: int
-    def __init__(self, num_pieces: _Optional[int] = ..., num_tensors: _Optional[int] = ..., total_bytes: _Optional[int] = ..., crc32: _Optional[int] = ...) -> None: ...
+    sha256: bytes
+    def __init__(self, num_pieces: _Optional[int] = ..., num_tensors: _Optional[int] = ..., total_bytes: _Optional[int] = ..., crc32: _Optional[int] = ..., sha256: _Optional[bytes] = ...) -> None: ...
 
 class TensorChunk(_message.Message):
     __slots__ = ("seq", "piece", "trailer")
