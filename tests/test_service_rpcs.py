@@ -524,3 +524,30 @@ def test_byte_budget_waits_then_gives_up_with_unavailable() -> None:
         assert not released.is_set()
     waiter.join(5)
     assert released.is_set()
+
+
+def test_byte_budget_grants_in_arrival_order() -> None:
+    from ncserve.service.servicer import ByteBudget
+
+    budget = ByteBudget(100, max_wait_s=5)
+    order: list[str] = []
+    lock = threading.Lock()
+
+    def holder(name: str, need: int) -> None:
+        with budget.hold(need, 5):
+            with lock:
+                order.append(name)
+            time.sleep(0.05)
+
+    with budget.hold(60, None):
+        big = threading.Thread(target=holder, args=("big", 80))
+        big.start()
+        time.sleep(0.05)
+        # Would fit beside the 60 held, but a larger request came first: it waits its turn.
+        small = threading.Thread(target=holder, args=("small", 10))
+        small.start()
+        time.sleep(0.05)
+        assert order == []
+    big.join(5)
+    small.join(5)
+    assert order == ["big", "small"]

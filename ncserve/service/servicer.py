@@ -82,31 +82,60 @@ def measurement(record: MeasurementRecord) -> pb.Measurement:
 
 
 class ByteBudget:
-    """Counting semaphore over bytes. A request larger than the whole budget takes all of it."""
+    """Counting semaphore over bytes, granted in arrival order. A request larger than the
+    whole budget takes all of it.
+
+    Each waiter has its own event and a release wakes only the waiters it lets in: with
+    every rank of a step asking at once, waking them all on each release (to find the one
+    that fits) cost more than the work they waited for.
+    """
 
     def __init__(self, capacity: int, max_wait_s: float) -> None:
         self._capacity = capacity
         self._max_wait_s = max_wait_s
         self._used = 0
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
+        self._waiters: collections.deque[_BudgetWaiter] = collections.deque()
 
     @contextlib.contextmanager
     def hold(self, num_bytes: int, timeout_s: float | None) -> Iterator[None]:
         need = min(num_bytes, self._capacity)
         wait_s = self._max_wait_s if timeout_s is None else max(timeout_s, 0.0)
-        with self._cond:
-            if not self._cond.wait_for(lambda: self._used + need <= self._capacity, wait_s):
-                raise Unavailable(
-                    f"server busy: {self._used} bytes of pushes in flight (limit "
-                    f"{self._capacity}, --max-inflight-bytes); retry"
-                )
-            self._used += need
+        with self._lock:
+            if not self._waiters and self._used + need <= self._capacity:
+                self._used += need
+                waiter = None
+            else:
+                waiter = _BudgetWaiter(need)
+                self._waiters.append(waiter)
+        if waiter is not None and not waiter.granted.wait(wait_s):
+            with self._lock:
+                if not waiter.granted.is_set():
+                    self._waiters.remove(waiter)
+                    self._grant()  # those behind it may fit now
+                    raise Unavailable(
+                        f"server busy: {self._used} bytes of pushes in flight (limit "
+                        f"{self._capacity}, --max-inflight-bytes); retry"
+                    )
         try:
             yield
         finally:
-            with self._cond:
+            with self._lock:
                 self._used -= need
-                self._cond.notify_all()
+                self._grant()
+
+    def _grant(self) -> None:
+        """Let in waiters, first come first served, while they fit. Caller holds the lock."""
+        while self._waiters and self._used + self._waiters[0].need <= self._capacity:
+            waiter = self._waiters.popleft()
+            self._used += waiter.need
+            waiter.granted.set()
+
+
+@dataclasses.dataclass(eq=False)
+class _BudgetWaiter:
+    need: int
+    granted: threading.Event = dataclasses.field(default_factory=threading.Event)
 
 
 def _round_name(value: int) -> str:
