@@ -105,7 +105,8 @@ class _TensorBuffer:
     name: str
     dtype: np.dtype
     shape: tuple[int, ...]
-    buffer: bytearray
+    array: np.ndarray
+    buffer: np.ndarray  # the array's bytes (uint8), filled in order
     filled: int = 0
 
 
@@ -190,7 +191,7 @@ class ArrayAssembler:
                 f"tensor {name!r} has more than the {len(current.buffer)} bytes "
                 f"its shape {list(current.shape)} holds"
             )
-        current.buffer[current.filled : end] = data
+        current.buffer[current.filled : end] = np.frombuffer(data, dtype=np.uint8)
         current.filled = end
         self._received += size
         if self._sha256 is not None:
@@ -218,8 +219,10 @@ class ArrayAssembler:
                 f"of {self._max_total_bytes} bytes",
                 reason="resource_exhausted",
             )
-        # Allocated once at the declared size (already checked against the limit), then filled.
-        return _TensorBuffer(name, dtype, shape, bytearray(expected))
+        # Allocated once at the declared size (already checked against the limit), then
+        # filled; left uninitialized, as every byte is written before the array is used.
+        array = np.empty(shape, dtype=dtype)
+        return _TensorBuffer(name, dtype, shape, array, array.reshape(-1).view(np.uint8))
 
     def _close_current(self) -> None:
         current = self._current
@@ -229,9 +232,7 @@ class ArrayAssembler:
                 f"tensor {current.name!r} ended after {current.filled} of the "
                 f"{len(current.buffer)} bytes its shape {list(current.shape)} holds"
             )
-        self._arrays[current.name] = np.frombuffer(current.buffer, dtype=current.dtype).reshape(
-            current.shape
-        )
+        self._arrays[current.name] = current.array
         self._current = None
 
     def _finish(self, trailer: pb.StreamTrailer) -> None:

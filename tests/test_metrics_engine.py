@@ -326,3 +326,18 @@ def test_two_shards_merge_to_the_same_bits_in_either_order():
         ab, ba = zero.merge(a).merge(b), zero.merge(b).merge(a)
         np.testing.assert_array_equal(ab.sums_KP, ba.sums_KP)
         np.testing.assert_array_equal(ab.sq_dev_K, ba.sq_dev_K)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_all_finite_finds_one_bad_value_and_tolerates_huge_ones(bad: float) -> None:
+    from ncserve.metrics.stats import all_finite
+
+    values = np.random.default_rng(0).normal(size=(100, 2048))
+    assert all_finite(values)
+    values[57, 1000] = bad
+    assert not all_finite(values)
+    huge = np.full(10, 1e300)  # its dot product overflows; every value is still finite
+    assert all_finite(huge)
+    huge[3] = bad
+    assert not all_finite(huge)
+    assert all_finite(np.zeros((0, 3)))

@@ -41,6 +41,7 @@ from ncserve.metrics import (
     complete_finalize,
     prepare_finalize,
 )
+from ncserve.metrics.stats import all_finite
 from ncserve.service.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -166,13 +167,10 @@ class _OpenStep:
     closed: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
     # Group commit: shards queue in `pending`; whoever finds no commit in progress becomes
-    # the leader, merges the whole queue and persists it in one transaction.
+    # the leader, merges the whole queue and persists it in one transaction, then hands the
+    # lead to the first shard queued meanwhile (waking that one thread, not every waiter).
     pending: list[_Pending] = field(default_factory=list)
     committing: bool = False
-    cond: threading.Condition = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.cond = threading.Condition(self.lock)
 
     @property
     def round1_complete(self) -> bool:
@@ -197,6 +195,8 @@ class _Pending:
     stats2: Round2Stats | None = None
     holdout: Round2Stats | None = None
     done: bool = False
+    # Set when the item is done or its thread is to lead the next commit.
+    wake: threading.Event = field(default_factory=threading.Event)
     result: PushResult | None = None
     error: ServiceError | None = None
     step_closed: bool = False
@@ -501,16 +501,19 @@ class Aggregator:
 
     def _submit(self, state: _OpenStep, item: _Pending) -> None:
         """Queue ``item``; lead the commit of the queue unless another thread already does."""
-        with state.cond:
+        with state.lock:
             if state.closed:
                 item.step_closed = item.done = True
                 return
             state.pending.append(item)
-            while not item.done and state.committing:
-                state.cond.wait()
+            lead = not state.committing
+            state.committing = True
+        if not lead:
+            item.wake.wait()
             if item.done:
                 return
-            state.committing = True
+            # Handed the lead: `committing` stayed set, the queue (this item first) is ours.
+        with state.lock:
             batch, state.pending = state.pending, []
         try:
             self._commit(state, batch)
@@ -524,9 +527,18 @@ class Aggregator:
                     waiting.fail(Unavailable(f"internal error while merging: {exc!r}"))
             raise
         finally:
-            with state.cond:
+            for waiting in batch:
+                waiting.wake.set()
+            self._pass_lead(state)
+
+    @staticmethod
+    def _pass_lead(state: _OpenStep) -> None:
+        """End a commit: the first shard queued meanwhile leads the next, or nobody does."""
+        with state.lock:
+            if state.pending:
+                state.pending[0].wake.set()
+            else:
                 state.committing = False
-                state.cond.notify_all()
 
     def _commit(self, state: _OpenStep, batch: list[_Pending]) -> None:
         """Merge and persist a queue of shards (called by the one leader of the step)."""
@@ -579,7 +591,7 @@ class Aggregator:
             )
         if array.dtype.kind != "f":
             raise InvalidArgument(f"tensor {name!r} must be float64, got {array.dtype}")
-        if not np.isfinite(array).all():
+        if not all_finite(np.asarray(array, dtype=np.float64)):
             bad = int(np.flatnonzero(~np.isfinite(array.reshape(-1)))[0])
             raise InvalidArgument(
                 f"tensor {name!r} contains NaN or Inf (first at flat index {bad}: "
@@ -883,7 +895,7 @@ class Aggregator:
             ]
         expired = 0
         for state in overdue:
-            with state.cond:
+            with state.lock:
                 # A commit in progress is left alone; the next pass looks again.
                 if state.closed or state.committing:
                     continue
@@ -901,9 +913,7 @@ class Aggregator:
                 if self._close_incomplete(state, reason) is not None:
                     expired += 1
             finally:
-                with state.cond:
-                    state.committing = False
-                    state.cond.notify_all()
+                self._pass_lead(state)
         return expired
 
     # -- class means -------------------------------------------------------------------------
