@@ -239,8 +239,8 @@ def all_finite(values: np.ndarray) -> bool:
     (values beyond ~1e154), which the elementwise check then settles.
     """
     flat = values.reshape(-1)
-    if flat.size == 0:
-        return True
+    if flat.size < 4096:  # small: the elementwise check costs less than the setup below
+        return bool(np.isfinite(flat).all())
     with np.errstate(over="ignore", invalid="ignore"):
         if math.isfinite(float(np.dot(flat, flat))):
             return True

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 from ncserve.service.aggregator import Aggregator, AggregatorLimits
 from ncserve.service.auth import TokenAuthInterceptor
 from ncserve.service.exporter import ServiceMetrics, start_exporter
-from ncserve.service.servicer import NCServicer
+from ncserve.service.servicer import NCServicer, serialize_tensor_chunk
 from ncserve.service.store import Store
 from ncserve.v1 import ncserve_pb2 as pb
 from ncserve.v1 import ncserve_pb2_grpc as pb_grpc
@@ -175,6 +175,34 @@ def _read(path: Path, what: str) -> bytes:
         raise ValueError(f"cannot read {what} {path}: {exc.strerror}") from exc
 
 
+class _HandlerCapture:
+    """Stands in for a server to collect the method handlers the generated code builds."""
+
+    def __init__(self) -> None:
+        self.handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+    def add_generic_rpc_handlers(self, handlers: object) -> None:
+        pass
+
+    def add_registered_method_handlers(
+        self, service: str, handlers: dict[str, grpc.RpcMethodHandler]
+    ) -> None:
+        self.handlers = dict(handlers)
+
+
+def _add_servicer(servicer: NCServicer, server: grpc.Server) -> None:
+    """Register the servicer as the generated code does, except that FetchClassMeans, whose
+    streams the servicer serializes once per step, gets a serializer that passes bytes on."""
+    capture = _HandlerCapture()
+    pb_grpc.add_NCServiceServicer_to_server(servicer, capture)
+    handlers = capture.handlers
+    handlers["FetchClassMeans"] = handlers["FetchClassMeans"]._replace(
+        response_serializer=serialize_tensor_chunk
+    )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
 def start_server(config: ServerConfig) -> ServerHandle:
     """Open the store, bind the gRPC server (and exporter), start serving; return a handle.
 
@@ -219,7 +247,7 @@ def start_server(config: ServerConfig) -> ServerHandle:
                 ("grpc.http2.bdp_probe", 0),
             ],
         )
-        pb_grpc.add_NCServiceServicer_to_server(
+        _add_servicer(
             NCServicer(aggregator, metrics, config.max_shard_bytes, config.max_inflight_bytes),
             server,
         )

@@ -156,11 +156,18 @@ def _push_reply(result: PushResult) -> pb.PushReply:
 
 @dataclasses.dataclass
 class _EncodedMeans:
-    """The class means of one step, encoded once for all ranks (``lock`` guards ``chunks``)."""
+    """The class means of one step, serialized once for all ranks (``lock`` guards the
+    rest): the TensorChunk messages of the stream, and the tensor bytes they carry."""
 
     means: ClassMeans
-    chunks: list[pb.TensorChunk] | None = None
+    messages: list[bytes] | None = None
+    payload_bytes: int = 0
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+
+
+def serialize_tensor_chunk(message: pb.TensorChunk | bytes) -> bytes:
+    """Response serializer of FetchClassMeans: its streams are serialized once per step."""
+    return message if isinstance(message, bytes) else message.SerializeToString()
 
 
 class NCServicer(pb_grpc.NCServiceServicer):
@@ -306,7 +313,9 @@ class NCServicer(pb_grpc.NCServiceServicer):
 
     def FetchClassMeans(
         self, request: pb.ClassMeansRequest, context: grpc.ServicerContext
-    ) -> Iterator[pb.TensorChunk]:
+    ) -> Iterator[bytes]:
+        """Stream the step's class means as TensorChunk messages, already serialized
+        (see ``serialize_tensor_chunk``, this method's response serializer)."""
         remaining = context.time_remaining()
         wait_s = self._agg.limits.step_deadline_s if remaining is None else max(remaining, 0.0)
         try:
@@ -315,18 +324,18 @@ class NCServicer(pb_grpc.NCServiceServicer):
             )
         except ServiceError as exc:
             _abort(context, exc)
-        chunks = self._encoded_means(request.run_id, request.step, means)
-        size = sum(len(c.piece.data) for c in chunks if c.HasField("piece"))
+        encoded = self._encoded_means(request.run_id, request.step, means)
+        assert encoded.messages is not None
         # All ranks of a step are answered at once, when its round 1 completes, and each
-        # answer is a serialized copy until its client has read it: held in the in-flight
+        # answer is a copy in gRPC until its client has read it: held in the in-flight
         # budget, those copies stay bounded whatever the number of ranks.
         try:
-            with self._budget.hold(size, context.time_remaining()):
-                yield from chunks
+            with self._budget.hold(encoded.payload_bytes, context.time_remaining()):
+                yield from encoded.messages
         except ServiceError as exc:
             _abort(context, exc)
 
-    def _encoded_means(self, run_id: str, step: int, means: ClassMeans) -> list[pb.TensorChunk]:
+    def _encoded_means(self, run_id: str, step: int, means: ClassMeans) -> _EncodedMeans:
         # Every rank of a step asks at the same moment (when its round 1 completes): one
         # of them encodes while the others wait for that, instead of each encoding again.
         key = (run_id, step)
@@ -340,9 +349,11 @@ class NCServicer(pb_grpc.NCServiceServicer):
             else:
                 self._means_cache.move_to_end(key)
         with entry.lock:
-            if entry.chunks is None:
-                entry.chunks = list(wire.encode_arrays(means.to_arrays()))
-            return entry.chunks
+            if entry.messages is None:
+                chunks = list(wire.encode_arrays(means.to_arrays()))
+                entry.payload_bytes = chunks[-1].trailer.total_bytes
+                entry.messages = [c.SerializeToString() for c in chunks]
+            return entry
 
     # -- scalars and queries -----------------------------------------------------------------
 
