@@ -58,9 +58,12 @@ def wire_dtype(array: np.ndarray) -> tuple[pb.DType, np.dtype]:
 
 
 def encode_arrays(
-    arrays: Mapping[str, np.ndarray], max_piece_bytes: int = MAX_PIECE_BYTES
+    arrays: Mapping[str, np.ndarray], max_piece_bytes: int = MAX_PIECE_BYTES, digest: bool = True
 ) -> Iterator[pb.TensorChunk]:
-    """Yield the chunks of a stream carrying ``arrays`` (in insertion order), trailer last."""
+    """Yield the chunks of a stream carrying ``arrays`` (in insertion order), trailer last.
+
+    ``digest=False`` leaves the trailer's SHA-256 out (a stream only ever checked by its
+    CRC-32, such as the class means the service sends to every rank)."""
     if not 0 < max_piece_bytes <= MAX_PIECE_BYTES:
         raise ValueError(
             f"max_piece_bytes must be in (0, {MAX_PIECE_BYTES}], got {max_piece_bytes}"
@@ -68,7 +71,7 @@ def encode_arrays(
     seq = 0
     total = 0
     crc = 0
-    sha256 = hashlib.sha256()
+    sha256 = hashlib.sha256() if digest else None
     for name, value in arrays.items():
         array = np.asarray(value)
         code, dtype = wire_dtype(array)
@@ -79,7 +82,8 @@ def encode_arrays(
         for offset in offsets:
             data = raw[offset : offset + max_piece_bytes].tobytes()
             crc = zlib.crc32(data, crc)
-            sha256.update(data)
+            if sha256 is not None:
+                sha256.update(data)
             total += len(data)
             yield pb.TensorChunk(
                 seq=seq,
@@ -93,7 +97,7 @@ def encode_arrays(
             num_tensors=len(arrays),
             total_bytes=total,
             crc32=crc,
-            sha256=sha256.digest(),
+            sha256=b"" if sha256 is None else sha256.digest(),
         ),
     )
 

@@ -350,7 +350,8 @@ class NCServicer(pb_grpc.NCServiceServicer):
                 self._means_cache.move_to_end(key)
         with entry.lock:
             if entry.messages is None:
-                chunks = list(wire.encode_arrays(means.to_arrays()))
+                # Clients check class means by their CRC-32 (decode_arrays): no digest.
+                chunks = list(wire.encode_arrays(means.to_arrays(), digest=False))
                 entry.payload_bytes = chunks[-1].trailer.total_bytes
                 entry.messages = [c.SerializeToString() for c in chunks]
             return entry
