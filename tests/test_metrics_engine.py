@@ -341,3 +341,23 @@ def test_all_finite_finds_one_bad_value_and_tolerates_huge_ones(bad: float) -> N
     huge[3] = bad
     assert not all_finite(huge)
     assert all_finite(np.zeros((0, 3)))
+
+
+def test_merging_a_batch_in_two_halves_of_the_classes_gives_the_same_bits() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(3)
+    with ThreadPoolExecutor(1) as pool:
+        for K, P, shards in [(100, 2048, 5), (7, 8192, 3), (1000, 64, 4)]:
+            batch = []
+            for _ in range(shards):
+                counts = rng.integers(0, 20, K)
+                sums = rng.normal(size=(K, P)) * counts[:, None]
+                batch.append(Round1Stats(counts, sums, rng.random(K) * (counts > 0)))
+            one_by_one, halves = Round1Stats.zeros(K, P), Round1Stats.zeros(K, P)
+            for stats in batch:
+                one_by_one.merge_in_place(stats)
+            halves.merge_all_in_place(batch, pool)
+            np.testing.assert_array_equal(halves.counts_K, one_by_one.counts_K)
+            np.testing.assert_array_equal(halves.sums_KP, one_by_one.sums_KP)
+            np.testing.assert_array_equal(halves.sq_dev_K, one_by_one.sq_dev_K)

@@ -16,8 +16,8 @@ from __future__ import annotations
 import itertools
 import math
 import os
-from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -154,6 +154,11 @@ def _subtract_rows(r_BP: np.ndarray, block: _SortedBlock, centers_JP: np.ndarray
             r_BP[run] -= centers_JP[j]
     else:
         r_BP -= np.repeat(centers_JP, block.stops_J - block.starts_J, axis=0)
+
+
+_PARALLEL_MERGE_MIN = 1 << 17
+"""Elements (K x P x shards) below which splitting a merge over two threads costs more
+than it saves."""
 
 
 def _chan_merge_into(
@@ -387,6 +392,33 @@ class Round1Stats:
             other.sums_KP,
             other.sq_dev_K,
         )
+
+    def merge_all_in_place(self, others: Sequence[Round1Stats], pool: Executor | None) -> None:
+        """``merge_in_place`` of each of ``others`` in order. With a pool, the classes are
+        split in two halves merged at once, one in the pool: every class still sees the
+        same merges in the same order, so the bits are those of merging one by one (the
+        split is only taken where a row's dot product does not depend on the rows beside
+        it, P <= 8192)."""
+        for other in others:
+            self._check_compatible(other)
+        K, P = self.sums_KP.shape
+        if pool is None or K < 2 or P > 8192 or K * P * len(others) < _PARALLEL_MERGE_MIN:
+            for other in others:
+                self.merge_in_place(other)
+            return
+
+        def merge_rows(rows: slice) -> None:
+            for other in others:
+                _chan_merge_into(
+                    self.counts_K[rows], self.sums_KP[rows], self.sq_dev_K[rows], slice(None),
+                    other.counts_K[rows], other.sums_KP[rows], other.sq_dev_K[rows],
+                )  # fmt: skip
+
+        upper = pool.submit(merge_rows, slice(K // 2, K))
+        try:
+            merge_rows(slice(0, K // 2))
+        finally:
+            upper.result()
 
     def class_means(self) -> ClassMeans:
         """Global class means and the global (sample) mean; every class needs a sample."""

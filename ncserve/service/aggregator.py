@@ -256,6 +256,9 @@ class Aggregator:
         # Everything of a finalize that needs only round 1 runs here while round 2 arrives,
         # so the last round-2 shard pays only for the round-2 part.
         self._prepare_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ncserve-prep")
+        # Merges of round-1 shards lie on the path every rank of a step waits on: each
+        # commit merges half the classes in this thread, half in the committing one.
+        self._merge_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ncserve-merge")
         self._restore()
 
     # -- startup -----------------------------------------------------------------------------
@@ -719,7 +722,6 @@ class Aggregator:
                 )
                 continue
             assert item.stats1 is not None
-            merged.merge_in_place(item.stats1)
             if weight is None and item.weight is not None:
                 weight, bias = item.weight, item.bias
             epoch = _max_epoch(epoch, item.push.epoch)
@@ -727,6 +729,8 @@ class Aggregator:
             accepted.append(item)
         if not accepted:
             return
+        stats = [i.stats1 for i in accepted if i.stats1 is not None]
+        merged.merge_all_in_place(stats, self._merge_pool)
         tensors: dict[str, np.ndarray] = _prefixed(merged.to_arrays(), "r1.")
         if state.weight is None and weight is not None:
             tensors["weight"] = weight
