@@ -3,7 +3,6 @@ permanent errors, token, TLS/mTLS, and the delivery report."""
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import textwrap
@@ -27,15 +26,10 @@ from ncserve.metrics import Round1Stats, Round2Stats, round1_stats, round2_stats
 from ncserve.v1 import ncserve_pb2_grpc as pb_grpc
 from tests.client_certs import make_certs
 from tests.client_fake_service import FakeServer, FakeService, FakeState
+from tests.reliability_support import free_port
 
 K, P = 3, 5
 FAST = RetryPolicy(initial_backoff_s=0.01, max_backoff_s=0.1)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def shard(rank: int, n: int = 12) -> tuple[np.ndarray, np.ndarray, Round1Stats]:

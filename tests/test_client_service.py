@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -27,16 +26,11 @@ from ncserve.client import NCClient, RetryPolicy
 from ncserve.metrics import METRIC_KEYS, compute_metrics, round1_stats, round2_stats
 from ncserve.service import ServerConfig, ServerHandle, start_server
 from tests.client_certs import make_certs
+from tests.reliability_support import free_port
 
 K, P = 4, 6
 FAST = RetryPolicy(initial_backoff_s=0.01, max_backoff_s=0.2)
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def serve(db: Path, port: int = 0) -> ServerHandle:
