@@ -539,13 +539,21 @@ def test_byte_budget_grants_in_arrival_order() -> None:
                 order.append(name)
             time.sleep(0.05)
 
+    def queued(count: int) -> None:
+        deadline = time.monotonic() + 5
+        while len(budget._waiters) < count and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert len(budget._waiters) == count
+
     with budget.hold(60, None):
         big = threading.Thread(target=holder, args=("big", 80))
         big.start()
-        time.sleep(0.05)
-        # Would fit beside the 60 held, but a larger request came first: it waits its turn.
-        small = threading.Thread(target=holder, args=("small", 10))
+        queued(1)
+        # Would fit beside the 60 held, but a larger request came first: it waits its turn
+        # (and, not fitting beside that one either, until it is done).
+        small = threading.Thread(target=holder, args=("small", 30))
         small.start()
+        queued(2)
         time.sleep(0.05)
         assert order == []
     big.join(5)
