@@ -38,6 +38,12 @@ def batches(x, y, size=32):
     return [(x[i : i + size], y[i : i + size]) for i in range(0, len(y), size)]
 
 
+def assert_same_metrics(got, want):
+    """Every NC metric of ``got`` equals ``want``'s to 1e-9 relative (1e-12 absolute)."""
+    for key in METRIC_KEYS:
+        assert got[key] == pytest.approx(want[key], rel=1e-9, abs=1e-12), key
+
+
 def reference(model, x, y):
     with torch.no_grad():
         h = model.body(x).double().numpy()
@@ -66,8 +72,7 @@ def test_single_process_with_embedded_service(tmp_path):
     finally:
         report = tracker.close()
     want = reference(net, x, y)
-    for key in METRIC_KEYS:
-        assert got[key] == pytest.approx(want[key], rel=1e-9, abs=1e-12), key
+    assert_same_metrics(got, want)
     assert nc0 == pytest.approx(want["nc0"], rel=1e-12)
     assert report.complete and tracker.local_fallbacks == 0
     assert net.training  # eval mode was restored
@@ -85,8 +90,7 @@ def test_service_down_measures_locally_and_replays(tmp_path):
     got = tracker.measure(batches(x, y), step=5, epoch=1)
     assert tracker.local_fallbacks == 1
     want = reference(net, x, y)
-    for key in METRIC_KEYS:
-        assert got[key] == pytest.approx(want[key], rel=1e-9, abs=1e-12), key
+    assert_same_metrics(got, want)
     report = tracker.close(timeout_s=0.5)
     assert not report.complete and report.persisted
     # The service comes up on that port later: a new client on the same spool delivers.
@@ -97,8 +101,7 @@ def test_service_down_measures_locally_and_replays(tmp_path):
         with NCClient(server.address, spill_dir=tmp_path / "spool" / "rank0") as client:
             assert client.flush(timeout_s=20).complete
             stored = client.get_metrics("down", step=5)
-        for key in METRIC_KEYS:
-            assert stored[key] == pytest.approx(got[key], rel=1e-9, abs=1e-12), key
+        assert_same_metrics(stored, got)
     finally:
         server.stop(grace_s=1)
 
@@ -123,8 +126,7 @@ def test_background_measurement_holds_the_model_state_of_its_step(tmp_path):
         later = tracker.settle()
     finally:
         tracker.close()
-    for key in METRIC_KEYS:
-        assert settled[0][1][key] == pytest.approx(want[key], rel=1e-9, abs=1e-12), key
+    assert_same_metrics(settled[0][1], want)
     assert [step for step, _ in later] == [8]
     assert later[0][1]["nc0"] == pytest.approx(reference(net, x, y)["nc0"], rel=1e-12)
     assert tracker.local_fallbacks == 0
@@ -143,8 +145,7 @@ def test_background_measurement_with_the_service_down_settles_locally(tmp_path):
     report = tracker.close(timeout_s=0.5)
     assert tracker.local_fallbacks == 1 and report.persisted
     want = reference(net, x, y)
-    for key in METRIC_KEYS:
-        assert settled[0][1][key] == pytest.approx(want[key], rel=1e-9, abs=1e-12), key
+    assert_same_metrics(settled[0][1], want)
 
 
 def _worker(rank, world, port, target, run_dir, out):
@@ -171,10 +172,7 @@ def test_two_gloo_ranks_equal_the_whole_dataset(tmp_path):
     finally:
         server.stop(grace_s=1)
     result = torch.load(out, weights_only=False)
-    for key in METRIC_KEYS:
-        assert result["metrics"][key] == pytest.approx(
-            result["reference"][key], rel=1e-9, abs=1e-12
-        ), key
+    assert_same_metrics(result["metrics"], result["reference"])
     assert np.isclose(result["metrics"]["num_samples"], 160)
 
 
