@@ -594,13 +594,14 @@ class Aggregator:
             )
         if array.dtype.kind != "f":
             raise InvalidArgument(f"tensor {name!r} must be float64, got {array.dtype}")
-        if not all_finite(np.asarray(array, dtype=np.float64)):
-            bad = int(np.flatnonzero(~np.isfinite(array.reshape(-1)))[0])
+        values = np.asarray(array, dtype=np.float64)
+        if not all_finite(values):
+            bad = int(np.flatnonzero(~np.isfinite(values.reshape(-1)))[0])
             raise InvalidArgument(
                 f"tensor {name!r} contains NaN or Inf (first at flat index {bad}: "
-                f"{array.reshape(-1)[bad]})"
+                f"{values.reshape(-1)[bad]})"
             )
-        return np.asarray(array, dtype=np.float64)
+        return values
 
     def _decode_round2(
         self, run: RunRecord, arrays: Mapping[str, np.ndarray]
