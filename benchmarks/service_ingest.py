@@ -69,14 +69,14 @@ def make_payloads(clients: int, K: int, P: int, seed: int = 0) -> list[RankPaylo
     payloads = []
     for rank in range(clients):
         counts = rng.integers(5, 15, size=K)
-        r1 = Round1Stats(counts, rng.normal(size=(K, P)) * counts[:, None], rng.random(K) * 10)
+        r1 = Round1Stats(counts, rng.normal(size=(K, P)) * counts[:, None])
         arrays = r1.to_arrays()
         if rank == 0:
             arrays = {**arrays, "weight": weight, "bias": bias}
         n = int(counts.sum())
         d = Round2Stats.scatter_dim(K, P)
         q = rng.normal(size=(2 * d, d))
-        r2 = Round2Stats(n, q.T @ q, n // 2, n // 3)
+        r2 = Round2Stats(n, q.T @ q, rng.random(K) * 10, n // 2, n // 3)
         round1 = list(wire.encode_arrays(arrays))
         round2 = list(wire.encode_arrays(r2.to_arrays()))
         size = sum(len(c.piece.data) for c in round1 + round2 if c.HasField("piece"))

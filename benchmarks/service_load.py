@@ -64,11 +64,11 @@ def rank_stats(seed: int, rank: int, K: int, P: int) -> tuple[Round1Stats, Round
     """Valid round-1 and round-2 statistics of one rank (round 2's scatter is PSD)."""
     rng = np.random.default_rng([seed, rank])
     counts = rng.integers(1, 4, size=K)
-    r1 = Round1Stats(counts, rng.normal(size=(K, P)) * counts[:, None], rng.random(K) * counts)
+    r1 = Round1Stats(counts, rng.normal(size=(K, P)) * counts[:, None])
     n = int(counts.sum())
     d = Round2Stats.scatter_dim(K, P)
     q = rng.normal(size=(2 * d, d))
-    return r1, Round2Stats(n, q.T @ q, n // 2, n // 3)
+    return r1, Round2Stats(n, q.T @ q, rng.random(K) * counts, n // 2, n // 3)
 
 
 def classifier(seed: int, K: int, P: int) -> tuple[np.ndarray, np.ndarray]:

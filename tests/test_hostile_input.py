@@ -232,9 +232,9 @@ def header_mutation(draw: st.DrawFn, req: Request, round_: int) -> None:
         req.mutate(f"header: bad round-2 {bad}", INVALID)
 
 
-FLOAT_NAMES = {1: ["sums", "sq_dev", "weight", "bias"], 2: ["scatter"]}
+FLOAT_NAMES = {1: ["sums", "weight", "bias"], 2: ["scatter", "sq_resid"]}
 COUNT_NAMES = {1: ["counts"], 2: ["num_samples", "ncc_agree", "correct"]}
-REQUIRED = {1: ["counts", "sums", "sq_dev", "weight"], 2: ["num_samples", "scatter"]}
+REQUIRED = {1: ["counts", "sums", "weight"], 2: ["num_samples", "scatter", "sq_resid"]}
 
 
 @st.composite
@@ -247,7 +247,7 @@ def tensor_mutation(draw: st.DrawFn, req: Request, round_: int) -> None:
         "non_finite": FLOAT_NAMES[round_],
         "negative_count": COUNT_NAMES[round_],
         "huge_count": COUNT_NAMES[round_],
-        "negative_sq": ["sq_dev"] if round_ == 1 else [],
+        "negative_sq": ["sq_resid"] if round_ == 2 else [],
         "shape": sorted(arrays),
         "dtype": sorted(arrays),
         "missing": REQUIRED[round_],
@@ -294,7 +294,7 @@ def tensor_mutation(draw: st.DrawFn, req: Request, round_: int) -> None:
         arrays[name] = np.asarray(draw(st.integers(n + 1, 2**53)), dtype=np.int64)
     else:
         unknown = draw(st.text(min_size=1, max_size=20))
-        known = {"counts", "sums", "sq_dev", "weight", "bias", "num_samples", "scatter",
+        known = {"counts", "sums", "weight", "bias", "num_samples", "scatter", "sq_resid",
                  "ncc_agree", "correct"}  # fmt: skip
         if unknown in known or unknown.removeprefix("holdout.") in known:
             unknown = "x" + unknown

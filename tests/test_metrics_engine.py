@@ -155,17 +155,23 @@ def test_large_k_beyond_feature_dim_uses_pxp_scatter():
     assert_close(got, reference_metrics(h, y, W, b), rtol=1e-8)
 
 
-def test_round1_chan_merge_equals_direct_residuals():
-    """Chan-merged sq_dev of any split equals sum ||h - mu_y||^2 around the global means."""
-    h, y, _, _ = make_features(12, 20, 30, imbalanced=True, seed=5, offset=50.0, spread=1e-2)
+@pytest.mark.parametrize(("K", "P"), [(12, 20), (12, 5)])  # projected scatter, and K > P
+def test_sharded_residual_sums_equal_direct_residuals(K: int, P: int) -> None:
+    """Merged round-2 sq_resid of any split equals sum ||h - mu_y||^2 around the global
+    means, even for tight classes far from the origin (offset 50, spread 1e-2)."""
+    h, y, W, b = make_features(K, P, 30, imbalanced=True, seed=5, offset=50.0, spread=1e-2)
     parts = np.array_split(np.random.default_rng(3).permutation(y.size), 7)
-    r1 = Round1Stats.zeros(12, 20)
+    r1 = Round1Stats.zeros(K, P)
     for idx in parts:
-        r1 = r1.merge(round1_stats(h[idx], y[idx], 12))
+        r1 = r1.merge(round1_stats(h[idx], y[idx], K))
+    means = r1.class_means()
+    r2 = Round2Stats.zeros(K, P)
+    for idx in parts:
+        r2 = r2.merge(round2_stats(h[idx], y[idx], means, W, b))
     h64 = h.astype(np.float64)
-    mu = np.stack([h64[y == k].mean(axis=0) for k in range(12)])
-    direct = np.bincount(y, weights=((h64 - mu[y]) ** 2).sum(axis=1), minlength=12)
-    np.testing.assert_allclose(r1.sq_dev_K, direct, rtol=1e-9)
+    mu = np.stack([h64[y == k].mean(axis=0) for k in range(K)])
+    direct = np.bincount(y, weights=((h64 - mu[y]) ** 2).sum(axis=1), minlength=K)
+    np.testing.assert_allclose(r2.sq_resid_K, direct, rtol=1e-9)
 
 
 @settings(max_examples=40, deadline=None)
@@ -202,7 +208,9 @@ def test_wire_arrays_round_trip_and_validation():
     assert np.array_equal(Round1Stats.from_arrays(r1.to_arrays(), 5, 7).sums_KP, r1.sums_KP)
     back = ClassMeans.from_arrays(means.to_arrays(), 5, 7)
     assert np.array_equal(back.means_KP, means.means_KP)
-    assert Round2Stats.from_arrays(r2.to_arrays(), 5, 7).ncc_agree == r2.ncc_agree
+    back2 = Round2Stats.from_arrays(r2.to_arrays(), 5, 7)
+    assert back2.ncc_agree == r2.ncc_agree
+    assert np.array_equal(back2.sq_resid_K, r2.sq_resid_K)
 
     bad = r1.to_arrays() | {"sums": np.full((5, 7), np.nan)}
     with pytest.raises(MetricInputError, match="'sums' contains NaN"):
@@ -213,6 +221,12 @@ def test_wire_arrays_round_trip_and_validation():
         Round1Stats.from_arrays(r1.to_arrays() | {"counts": -r1.counts_K}, 5, 7)
     with pytest.raises(MetricInputError, match="exceeds num_samples"):
         Round2Stats.from_arrays(r2.to_arrays() | {"correct": np.int64(10**6)}, 5, 7)
+    negative = r2.sq_resid_K.copy()
+    negative[3] = -1.5
+    with pytest.raises(MetricInputError, match=r"'sq_resid' .*\(-1.5 for class 3\)"):
+        Round2Stats.from_arrays(r2.to_arrays() | {"sq_resid": negative}, 5, 7)
+    with pytest.raises(MetricInputError, match=r"'sq_resid' must have shape \(5,\)"):
+        Round2Stats.from_arrays(r2.to_arrays() | {"sq_resid": np.zeros(4)}, 5, 7)
 
 
 def test_bad_features_are_named():
@@ -237,9 +251,9 @@ K, P = 20000, 512
 rng = np.random.default_rng(0)
 counts = np.full(K, 5, dtype=np.int64)  # N = 100,000 samples
 sums = rng.normal(size=(K, P)) * counts[:, None]
-r1 = Round1Stats(counts, sums, np.full(K, 3.0))
+r1 = Round1Stats(counts, sums)
 A = rng.normal(size=(P, P))
-r2 = Round2Stats(int(counts.sum()), A @ A.T, 1234, 567)
+r2 = Round2Stats(int(counts.sum()), A @ A.T, np.full(K, 3.0), 1234, 567)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 m = finalize(r1, r2, rng.normal(size=(K, P)))
 assert all(np.isfinite(v) for v in m.values()), m
@@ -279,7 +293,7 @@ def test_threaded_accumulation_equals_one_thread(monkeypatch, K, P, n_per_class)
     r2 = round2_stats(h, y, r1.class_means(), W, b)
     np.testing.assert_array_equal(r1.counts_K, r1_one.counts_K)
     np.testing.assert_allclose(r1.sums_KP, r1_one.sums_KP, rtol=1e-12, atol=1e-9)
-    np.testing.assert_allclose(r1.sq_dev_K, r1_one.sq_dev_K, rtol=1e-10)
+    np.testing.assert_allclose(r2.sq_resid_K, r2_one.sq_resid_K, rtol=1e-10)
     np.testing.assert_allclose(r2.scatter, r2_one.scatter, rtol=1e-10, atol=1e-9)
     assert (r2.num_samples, r2.ncc_agree, r2.correct) == (
         r2_one.num_samples,
@@ -321,11 +335,17 @@ def test_two_shards_merge_to_the_same_bits_in_either_order():
         h = rng.normal(size=(40, 7)) * 10 + 50
         y = rng.integers(0, 5, 40)
         y[:5] = np.arange(5)
+        W = rng.normal(size=(5, 7))
         a, b = round1_stats(h[:20], y[:20], 5), round1_stats(h[20:], y[20:], 5)
         zero = Round1Stats.zeros(5, 7)
         ab, ba = zero.merge(a).merge(b), zero.merge(b).merge(a)
         np.testing.assert_array_equal(ab.sums_KP, ba.sums_KP)
-        np.testing.assert_array_equal(ab.sq_dev_K, ba.sq_dev_K)
+        means = ab.class_means()
+        a2, b2 = (round2_stats(h[s], y[s], means, W) for s in (slice(0, 20), slice(20, 40)))
+        zero2 = Round2Stats.zeros(5, 7)
+        ab2, ba2 = zero2.merge(a2).merge(b2), zero2.merge(b2).merge(a2)
+        np.testing.assert_array_equal(ab2.scatter, ba2.scatter)
+        np.testing.assert_array_equal(ab2.sq_resid_K, ba2.sq_resid_K)
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
@@ -341,23 +361,3 @@ def test_all_finite_finds_one_bad_value_and_tolerates_huge_ones(bad: float) -> N
     huge[3] = bad
     assert not all_finite(huge)
     assert all_finite(np.zeros((0, 3)))
-
-
-def test_merging_a_batch_in_two_halves_of_the_classes_gives_the_same_bits() -> None:
-    from concurrent.futures import ThreadPoolExecutor
-
-    rng = np.random.default_rng(3)
-    with ThreadPoolExecutor(1) as pool:
-        for K, P, shards in [(100, 2048, 5), (7, 8192, 3), (1000, 64, 4)]:
-            batch = []
-            for _ in range(shards):
-                counts = rng.integers(0, 20, K)
-                sums = rng.normal(size=(K, P)) * counts[:, None]
-                batch.append(Round1Stats(counts, sums, rng.random(K) * (counts > 0)))
-            one_by_one, halves = Round1Stats.zeros(K, P), Round1Stats.zeros(K, P)
-            for stats in batch:
-                one_by_one.merge_in_place(stats)
-            halves.merge_all_in_place(batch, pool)
-            np.testing.assert_array_equal(halves.counts_K, one_by_one.counts_K)
-            np.testing.assert_array_equal(halves.sums_KP, one_by_one.sums_KP)
-            np.testing.assert_array_equal(halves.sq_dev_K, one_by_one.sq_dev_K)

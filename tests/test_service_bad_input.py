@@ -98,6 +98,7 @@ def _round2_early() -> list[pb.ShardChunk]:
     arrays = {
         "num_samples": np.int64(12),
         "scatter": np.zeros((K, K)),
+        "sq_resid": np.zeros(K),
         "ncc_agree": np.int64(0),
         "correct": np.int64(0),
     }
@@ -183,7 +184,12 @@ CASES: dict[str, Case] = {
         push1(standard(arrays=r1_arrays(weight=None))), INVALID, "'bias'", "invalid_argument"
     ),
     "missing tensor": Case(
-        push1(standard(arrays=r1_arrays(sq_dev=None))), INVALID, "'sq_dev'", "invalid_argument"
+        push1(standard(arrays=r1_arrays(sums=None))), INVALID, "'sums'", "invalid_argument"
+    ),
+    "round-1 tensor of an older client": Case(
+        push1(standard(arrays=r1_arrays(sq_dev=np.ones(K)))),
+        INVALID, "'sq_dev' in a round-1 push; expected counts, sums, weight, bias (sent by an "
+        "older ncserve client", "invalid_argument",
     ),
     "unknown tensor": Case(
         push1(standard(arrays=r1_arrays(extra=np.zeros(2)))), INVALID, "'extra'", "invalid_argument"

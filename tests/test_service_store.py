@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 
 from ncserve.service.errors import ResourceExhausted, ServiceError
-from ncserve.service.store import SCHEMA_VERSION, RunRecord, ShardRecord, Store, StoreError
+from ncserve.service.store import (
+    MIGRATIONS,
+    SCHEMA_VERSION,
+    RunRecord,
+    ShardRecord,
+    Store,
+    StoreError,
+)
 
 
 def test_new_database_is_wal_with_a_recorded_schema(tmp_path: Path) -> None:
@@ -24,7 +31,7 @@ def test_new_database_is_wal_with_a_recorded_schema(tmp_path: Path) -> None:
     try:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         rows = conn.execute("SELECT version FROM schema_migrations").fetchall()
-        assert rows == [(SCHEMA_VERSION,)]
+        assert rows == [(v,) for v in range(1, SCHEMA_VERSION + 1)]
     finally:
         conn.close()
 
@@ -41,7 +48,9 @@ def test_reopening_keeps_data_and_runs_no_migration_twice(tmp_path: Path) -> Non
         store.close()
     conn = sqlite3.connect(tmp_path / "nc.db")
     try:
-        assert conn.execute("SELECT COUNT(*) FROM schema_migrations").fetchone()[0] == 1
+        assert conn.execute("SELECT COUNT(*) FROM schema_migrations").fetchone()[0] == len(
+            MIGRATIONS
+        )
     finally:
         conn.close()
 
@@ -53,6 +62,40 @@ def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
     conn.close()
     with pytest.raises(StoreError, match="newer than this ncserve understands"):
         Store(tmp_path / "nc.db")
+
+
+def test_schema_1_open_steps_are_closed_as_incomplete_by_the_upgrade(tmp_path: Path) -> None:
+    """Schema 1 kept per-class sums of squares in round 1; a step open across the upgrade to
+    schema 2 cannot be finished, so it is recorded as incomplete and its state dropped; a
+    finished measurement and the shards rows stay as they were."""
+    path = tmp_path / "nc.db"
+    conn = sqlite3.connect(path)
+    conn.executescript(MIGRATIONS[0].sql)
+    conn.executescript(
+        """
+        INSERT INTO schema_migrations VALUES (1, 'v1', 0.0);
+        PRAGMA user_version = 1;
+        INSERT INTO runs VALUES ('run', 3, 4, 2, '{}', 1.0);
+        INSERT INTO measurements (run_id, step, epoch, status, metrics_json, finalized_unix)
+            VALUES ('run', 1, 0, 'complete', '{"nc0": 2.0}', 2.0);
+        INSERT INTO shards VALUES ('run', 2, 0, 1, 'ab', 96, 10, 3.0);
+        INSERT INTO open_steps VALUES ('run', 2, 0, '{}', 3.0);
+        INSERT INTO step_tensors VALUES ('run', 2, 'r1.sq_dev', '<f8', '[3]', zeroblob(24));
+        """
+    )
+    conn.close()
+    store = Store(path)
+    try:
+        assert store.schema_version() == SCHEMA_VERSION
+        assert store.open_steps() == []
+        old, closed = store.measurements("run", include_incomplete=True)
+        assert (old.step, old.status, old.metrics) == (1, "complete", {"nc0": 2.0})
+        assert (closed.step, closed.status, closed.epoch) == (2, "incomplete", 0)
+        assert "upgraded to store schema 2" in closed.reason
+        assert store.shard("run", 2, 0, 1) is not None
+        assert store.integrity_check() == "ok"
+    finally:
+        store.close()
 
 
 def test_open_step_state_round_trips_exactly(tmp_path: Path) -> None:

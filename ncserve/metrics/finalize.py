@@ -11,7 +11,7 @@ distances through trace identities. Conventions are documented in docs/metrics.m
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -86,27 +86,20 @@ def _etf_distance_identity(trace: float, total: float, frob: float, K: int) -> f
     return math.sqrt(max(0.0, 2.0 - 2.0 * inner / frob))
 
 
-def _pairwise_means(
-    x_KP: np.ndarray, pair_values: Callable[[slice, slice, np.ndarray], list[np.ndarray]]
-) -> list[float]:
-    """Means over pairs k != l of symmetric pair quantities, from tiles of the Gram x x^T.
+def _upper_tiles(x_KP: np.ndarray) -> Iterator[tuple[slice, slice, np.ndarray, np.ndarray]]:
+    """Row tiles of the Gram x x^T on and above the diagonal: (rows, cols, tile, mask of the
+    tile's entries strictly above the diagonal, l > k, so each unordered pair counts once).
 
-    Only tiles on or above the diagonal are formed (half the work); no K x K matrix is ever
-    held whole, so K = 20,000 stays within a bounded working set.
+    Only these tiles are formed (half the work), and no K x K matrix is ever held whole, so
+    K = 20,000 stays within a bounded working set.
     """
     K = x_KP.shape[0]
-    totals: list[float] | None = None
     rows = block_rows(K, K)
     for start in range(0, K, rows):
         sl = slice(start, min(K, start + rows))
         cols = slice(start, K)
-        tiles = pair_values(sl, cols, x_KP[sl] @ x_KP[cols].T)
-        # Keep strictly-upper entries (l > k) only; each unordered pair once.
         upper = np.arange(cols.start, cols.stop)[None, :] > np.arange(sl.start, sl.stop)[:, None]
-        sums = [float(np.sum(tile, where=upper)) for tile in tiles]
-        totals = sums if totals is None else [a + b for a, b in zip(totals, sums, strict=True)]
-    assert totals is not None
-    return [2.0 * t / (K * (K - 1)) for t in totals]
+        yield sl, cols, x_KP[sl] @ x_KP[cols].T, upper
 
 
 def _equinorm(x_KP: np.ndarray) -> float:
@@ -115,28 +108,39 @@ def _equinorm(x_KP: np.ndarray) -> float:
     return float(norms.std()) / mean if mean > 0 else math.nan
 
 
-def _angles_and_cdnv(x_KP: np.ndarray, var_K: np.ndarray | None) -> tuple[float, float]:
-    """Equiangularity mean_{k!=l} |cos(x_k, x_l) + 1/(K-1)| and, given variances, the CDNV.
+def _angles_and_inverse_distances(
+    x_KP: np.ndarray, distances: bool
+) -> tuple[float, np.ndarray | None]:
+    """Equiangularity mean_{k!=l} |cos(x_k, x_l) + 1/(K-1)| and, when ``distances``, for each
+    k the sum over l != k of 1 / ||x_k - x_l||^2 (what the CDNV needs of the means).
 
-    Both come from the same Gram tiles. CDNV: mean_{k!=l} (var_k + var_l) / (2 ||x_k - x_l||^2).
+    Both come from the same Gram tiles. The CDNV, mean_{k!=l} (var_k + var_l) / (2 d_kl),
+    equals sum_k var_k * (sum_{l!=k} 1 / d_kl) / (K (K-1)), so the variances, known only
+    after round 2, enter through one dot product (see ``_cdnv``).
     """
     K = x_KP.shape[0]
     sq_K = np.einsum("kp,kp->k", x_KP, x_KP)
     norms_K = np.sqrt(sq_K)
     shift = 1.0 / (K - 1)
-
-    def pair_values(rows: slice, cols: slice, gram: np.ndarray) -> list[np.ndarray]:
+    angle_sum = 0.0
+    inverse_K = np.zeros(K) if distances else None
+    for rows, cols, gram, upper in _upper_tiles(x_KP):
         with np.errstate(divide="ignore", invalid="ignore"):
             cos = gram / (norms_K[rows, None] * norms_K[None, cols])
-            out = [np.abs(cos + shift)]
-            if var_K is not None:
+            angle_sum += float(np.sum(np.abs(cos + shift), where=upper))
+            if inverse_K is not None:
                 dist_sq = sq_K[rows, None] + sq_K[None, cols] - 2.0 * gram
-                out.append((var_K[rows, None] + var_K[None, cols]) / (2.0 * dist_sq))
-        return out
+                inverse = np.where(upper, 1.0 / dist_sq, 0.0)
+                inverse_K[rows] += inverse.sum(axis=1)
+                inverse_K[cols] += inverse.sum(axis=0)
+    angle = 2.0 * angle_sum / (K * (K - 1)) if (norms_K > 0).all() else math.nan
+    return angle, inverse_K
 
-    means = _pairwise_means(x_KP, pair_values)
-    angle = means[0] if (norms_K > 0).all() else math.nan
-    return angle, (means[1] if var_K is not None else math.nan)
+
+def _cdnv(var_K: np.ndarray, inverse_K: np.ndarray) -> float:
+    K = var_K.size
+    with np.errstate(invalid="ignore"):
+        return float(var_K @ inverse_K) / (K * (K - 1))
 
 
 def _gram_etf_distance(x_KP: np.ndarray) -> float:
@@ -192,14 +196,18 @@ def _nc2m(w_KP: np.ndarray, mubar_KP: np.ndarray) -> float:
 @dataclass(frozen=True)
 class PreparedFinalize:
     """Everything of a finalize that depends on round 1 and W only: every metric except
-    nc1, nc4 and accuracy, and what nc1 needs of M. Computed once round 1 is complete (while
-    round 2 is in flight); ``complete_finalize`` then adds round 2 cheaply."""
+    nc1, nc1_trace_ratio, cdnv, nc4 and accuracy, and what those need of M. Computed once
+    round 1 is complete (while round 2 is in flight); ``complete_finalize`` then adds round 2
+    cheaply (O(K^2) at most, no pass over K x P)."""
 
     num_classes: int
     feature_dim: int
     num_samples: int
     metrics: dict[str, float]
     nc1_basis: tuple[np.ndarray, np.ndarray] | None
+    counts_K: np.ndarray
+    between_trace: float
+    inverse_distances_K: np.ndarray
 
 
 def prepare_finalize(
@@ -216,9 +224,7 @@ def prepare_finalize(
     N = means.num_samples
     nc0, nc0_normalized = nc0_from_weight(w64)
     mubar_KP = means.centered()
-    var_K = r1.sq_dev_K / means.counts_K
     between_trace = float(np.sum(mubar_KP * mubar_KP)) / K
-    within_trace = float(r1.sq_dev_K.sum()) / N
     w_frob = float(np.linalg.norm(w64))
     m_frob = math.sqrt(between_trace * K)
     nc3 = (
@@ -226,13 +232,12 @@ def prepare_finalize(
         if w_frob > 0 and m_frob > 0
         else math.nan
     )
-    nc2_angle, cdnv = _angles_and_cdnv(mubar_KP, var_K)
-    nc2w_angle, _ = _angles_and_cdnv(w64, None)
+    nc2_angle, inverse_K = _angles_and_inverse_distances(mubar_KP, distances=True)
+    assert inverse_K is not None
+    nc2w_angle, _ = _angles_and_inverse_distances(w64, distances=False)
     metrics = {
         "nc0": nc0,
         "nc0_normalized": nc0_normalized,
-        "nc1_trace_ratio": within_trace / between_trace if between_trace > 0 else math.nan,
-        "cdnv": cdnv,
         "nc2_norm": _equinorm(mubar_KP),
         "nc2_angle": nc2_angle,
         "nc2": _gram_etf_distance(mubar_KP),
@@ -242,7 +247,9 @@ def prepare_finalize(
         "nc2m": _nc2m(w64, mubar_KP),
         "nc3": nc3,
     }
-    return PreparedFinalize(K, P, N, metrics, _nc1_basis(mubar_KP))
+    return PreparedFinalize(
+        K, P, N, metrics, _nc1_basis(mubar_KP), means.counts_K, between_trace, inverse_K
+    )
 
 
 def complete_finalize(prepared: PreparedFinalize, r2: Round2Stats) -> dict[str, float]:
@@ -252,9 +259,15 @@ def complete_finalize(prepared: PreparedFinalize, r2: Round2Stats) -> dict[str, 
         raise MetricInputError(f"round 2 covers {r2.num_samples} samples but round 1 covered {N}")
     if r2.scatter.shape != (Round2Stats.scatter_dim(K, P),) * 2:
         raise MetricInputError(f"round-2 scatter has shape {r2.scatter.shape} for K={K}, P={P}")
+    if r2.sq_resid_K.shape != (K,):
+        raise MetricInputError(f"round-2 sq_resid has shape {r2.sq_resid_K.shape} for K={K}")
+    within_trace = float(r2.sq_resid_K.sum()) / N
+    between = prepared.between_trace
     computed = {
         **prepared.metrics,
         "nc1": _nc1(prepared.nc1_basis, r2.scatter, N),
+        "nc1_trace_ratio": within_trace / between if between > 0 else math.nan,
+        "cdnv": _cdnv(r2.sq_resid_K / prepared.counts_K, prepared.inverse_distances_K),
         "nc4": r2.ncc_agree / N,
         "accuracy": r2.correct / N,
     }

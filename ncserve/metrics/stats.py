@@ -3,12 +3,12 @@
 Legend: N samples, K classes, P feature dim; ``h_NP`` features, ``y_N`` labels,
 ``w_KP`` last-layer weight, ``b_K`` its bias, ``mubar_KP`` class means minus the global mean.
 
-Round 1 ships counts, class sums and the within-class squared deviations around the
-shard's own class means (merged across blocks with Chan's correction). Round 2, given the
-global class means, ships the K x K projected scatter G = sum_n q_n q_n^T with
-q_n = M^T (h_n - mu_{y_n}) when K <= P, or the centered P x P scatter when K > P, plus
-per-class squared residual sums and NCC-agreement counts. Everything is float64 and
-centered before it is squared, whatever the dtype of the features.
+Round 1 ships counts and class sums; merging is a sum. Round 2, given the global class
+means, ships the K x K projected scatter G = sum_n q_n q_n^T with q_n = M^T (h_n - mu_{y_n})
+when K <= P, or the centered P x P scatter when K > P, plus the per-class sums of
+||h_n - mu_{y_n}||^2 and the NCC-agreement counts; merging is a sum too. Everything is
+float64 and centered on the global class means before it is squared, whatever the dtype of
+the features.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from __future__ import annotations
 import itertools
 import math
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import Executor, ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -156,39 +156,12 @@ def _subtract_rows(r_BP: np.ndarray, block: _SortedBlock, centers_JP: np.ndarray
         r_BP -= np.repeat(centers_JP, block.stops_J - block.starts_J, axis=0)
 
 
-_PARALLEL_MERGE_MIN = 1 << 17
-"""Elements (K x P x shards) below which splitting a merge over two threads costs more
-than it saves."""
-
-
-def _chan_merge_into(
-    counts_K: np.ndarray,
-    sums_KP: np.ndarray,
-    sq_dev_K: np.ndarray,
-    classes: np.ndarray | slice,
-    counts_J: np.ndarray,
-    sums_JP: np.ndarray,
-    sq_dev_J: np.ndarray,
-) -> None:
-    """Merge per-class (count, sum, centered sum of squares) of the distinct classes
-    ``classes`` (indices, or a slice such as all of them) into the accumulators, in place,
-    with Chan et al.'s pairwise correction."""
-    n_a = counts_K[classes].astype(np.float64)
-    n_b = counts_J.astype(np.float64)
-    # A class empty on either side has weight 0; dividing by max(n, 1) keeps its unused
-    # mean finite (its sums are 0), so no masking (and no gathered copies) is needed.
-    # Rows scaled with einsum: numpy's broadcasting multiply buffers the per-row factor
-    # and runs about 40 % slower here; the products are the same bits.
-    delta = np.einsum("kp,k->kp", sums_JP, 1.0 / np.maximum(n_b, 1.0))
-    delta -= np.einsum("kp,k->kp", sums_KP[classes], 1.0 / np.maximum(n_a, 1.0))
-    weight = n_a * n_b / np.maximum(n_a + n_b, 1.0)
-    # (S_a + S_b) + correction: symmetric in a and b (delta only changes sign), so merging
-    # two shards gives the same bits in either order.
-    sq_dev_K[classes] = (sq_dev_K[classes] + sq_dev_J) + np.einsum(
-        "kp,kp->k", delta, delta
-    ) * weight
-    counts_K[classes] += counts_J
-    sums_KP[classes] += sums_JP
+def _class_sq_norms(r_BP: np.ndarray, block: _SortedBlock) -> np.ndarray:
+    """sum of ||r_i||^2 over the rows i of each run of the block (one value per run)."""
+    if block.long_runs:
+        # A run is contiguous in memory: one dot product each.
+        return np.array([np.vdot(r_BP[run], r_BP[run]) for _, run in block.runs()])
+    return np.add.reduceat(np.einsum("np,np->n", r_BP, r_BP), block.starts_J)
 
 
 def check_features(h_NP: np.ndarray, y_N: np.ndarray, num_classes: int) -> None:
@@ -332,17 +305,16 @@ class ClassMeans:
 
 @dataclass(frozen=True)
 class Round1Stats:
-    """Round-1 sufficient statistics of one shard (or of several, merged).
+    """Round-1 sufficient statistics of one shard (or of several, merged): per-class sample
+    counts and feature sums. Merging is a sum, so merging two shards gives the same bits in
+    either order and an accumulator needs one pass over the sums per shard.
 
-    ``sq_dev_K[k]`` is the sum over class-k samples of ``||h - m_k||^2`` where ``m_k`` is the
-    class mean *of the samples merged so far*; Chan's correction keeps it exact under merge,
-    so after merging every shard it equals the within-class sum of squares around the
-    global class means.
+    The within-class sums of squares are not here: they are taken in round 2, around the
+    *global* class means, where they are a plain sum as well.
     """
 
     counts_K: np.ndarray
     sums_KP: np.ndarray
-    sq_dev_K: np.ndarray
 
     @property
     def num_classes(self) -> int:
@@ -361,7 +333,6 @@ class Round1Stats:
         return cls(
             np.zeros(num_classes, dtype=np.int64),
             np.zeros((num_classes, feature_dim), dtype=np.float64),
-            np.zeros(num_classes, dtype=np.float64),
         )
 
     def _check_compatible(self, other: Round1Stats) -> None:
@@ -372,10 +343,10 @@ class Round1Stats:
             )
 
     def copy(self) -> Round1Stats:
-        return Round1Stats(self.counts_K.copy(), self.sums_KP.copy(), self.sq_dev_K.copy())
+        return Round1Stats(self.counts_K.copy(), self.sums_KP.copy())
 
     def merge(self, other: Round1Stats) -> Round1Stats:
-        """Exact merge (Chan et al.'s pairwise update of the centered sums of squares)."""
+        """The statistics of both (a new object)."""
         merged = self.copy()
         merged.merge_in_place(other)
         return merged
@@ -383,42 +354,8 @@ class Round1Stats:
     def merge_in_place(self, other: Round1Stats) -> None:
         """The same merge, written into this object's arrays (no copies: for accumulators)."""
         self._check_compatible(other)
-        _chan_merge_into(
-            self.counts_K,
-            self.sums_KP,
-            self.sq_dev_K,
-            slice(None),
-            other.counts_K,
-            other.sums_KP,
-            other.sq_dev_K,
-        )
-
-    def merge_all_in_place(self, others: Sequence[Round1Stats], pool: Executor | None) -> None:
-        """``merge_in_place`` of each of ``others`` in order. With a pool, the classes are
-        split in two halves merged at once, one in the pool: every class still sees the
-        same merges in the same order, so the bits are those of merging one by one (the
-        split is only taken where a row's dot product does not depend on the rows beside
-        it, P <= 8192)."""
-        for other in others:
-            self._check_compatible(other)
-        K, P = self.sums_KP.shape
-        if pool is None or K < 2 or P > 8192 or K * P * len(others) < _PARALLEL_MERGE_MIN:
-            for other in others:
-                self.merge_in_place(other)
-            return
-
-        def merge_rows(rows: slice) -> None:
-            for other in others:
-                _chan_merge_into(
-                    self.counts_K[rows], self.sums_KP[rows], self.sq_dev_K[rows], slice(None),
-                    other.counts_K[rows], other.sums_KP[rows], other.sq_dev_K[rows],
-                )  # fmt: skip
-
-        upper = pool.submit(merge_rows, slice(K // 2, K))
-        try:
-            merge_rows(slice(0, K // 2))
-        finally:
-            upper.result()
+        np.add(self.counts_K, other.counts_K, out=self.counts_K)
+        np.add(self.sums_KP, other.sums_KP, out=self.sums_KP)
 
     def class_means(self) -> ClassMeans:
         """Global class means and the global (sample) mean; every class needs a sample."""
@@ -435,7 +372,7 @@ class Round1Stats:
         return ClassMeans(self.counts_K.copy(), means_KP, global_mean_P)
 
     def to_arrays(self) -> dict[str, np.ndarray]:
-        return {"counts": self.counts_K, "sums": self.sums_KP, "sq_dev": self.sq_dev_K}
+        return {"counts": self.counts_K, "sums": self.sums_KP}
 
     @classmethod
     def from_arrays(
@@ -445,16 +382,10 @@ class Round1Stats:
         K, P = num_classes, feature_dim
         counts = _expect(_as_array(arrays, "counts", where), "counts", (K,), "int")
         sums = _expect(_as_array(arrays, "sums", where), "sums", (K, P), "float")
-        sq_dev = _expect(_as_array(arrays, "sq_dev", where), "sq_dev", (K,), "float")
-        if (sq_dev < 0).any():
-            raise MetricInputError("field 'sq_dev' has a negative sum of squares")
         empty = counts == 0
-        if empty.any():
-            if np.any(sums[empty] != 0):
-                raise MetricInputError("field 'sums' is non-zero for a class whose count is 0")
-            if np.any(sq_dev[empty] != 0):
-                raise MetricInputError("field 'sq_dev' is non-zero for a class whose count is 0")
-        return cls(counts, sums, sq_dev)
+        if empty.any() and np.any(sums[empty] != 0):
+            raise MetricInputError("field 'sums' is non-zero for a class whose count is 0")
+        return cls(counts, sums)
 
 
 @dataclass(frozen=True)
@@ -462,13 +393,13 @@ class Round2Stats:
     """Round-2 sufficient statistics of one shard (or of several, merged).
 
     ``scatter`` is the K x K projected within-class scatter when K <= P, else the P x P
-    centered within-class scatter (both around the *global* class means, so merging is a sum).
-    The per-class within-class sums of squares are not repeated here: round 1's Chan-merged
-    ``sq_dev`` already is exactly that sum around the global class means.
+    centered within-class scatter; ``sq_resid_K[k]`` is the sum of ||h - mu_k||^2 over the
+    class-k samples. All are taken around the *global* class means, so merging is a sum.
     """
 
     num_samples: int
     scatter: np.ndarray
+    sq_resid_K: np.ndarray
     ncc_agree: int
     correct: int
 
@@ -479,17 +410,21 @@ class Round2Stats:
     @classmethod
     def zeros(cls, num_classes: int, feature_dim: int) -> Round2Stats:
         d = cls.scatter_dim(num_classes, feature_dim)
-        return cls(0, np.zeros((d, d)), 0, 0)
+        return cls(0, np.zeros((d, d)), np.zeros(num_classes), 0, 0)
 
     def merge(self, other: Round2Stats) -> Round2Stats:
-        if other.scatter.shape != self.scatter.shape:
+        if (other.scatter.shape, other.sq_resid_K.shape) != (
+            self.scatter.shape,
+            self.sq_resid_K.shape,
+        ):
             raise MetricInputError(
                 f"cannot merge round-2 statistics with scatter {self.scatter.shape} and "
-                f"{other.scatter.shape}"
+                f"{other.scatter.shape} (K = {self.sq_resid_K.size} and {other.sq_resid_K.size})"
             )
         return Round2Stats(
             self.num_samples + other.num_samples,
             self.scatter + other.scatter,
+            self.sq_resid_K + other.sq_resid_K,
             self.ncc_agree + other.ncc_agree,
             self.correct + other.correct,
         )
@@ -498,6 +433,7 @@ class Round2Stats:
         return {
             "num_samples": np.asarray(self.num_samples, dtype=np.int64),
             "scatter": self.scatter,
+            "sq_resid": self.sq_resid_K,
             "ncc_agree": np.asarray(self.ncc_agree, dtype=np.int64),
             "correct": np.asarray(self.correct, dtype=np.int64),
         }
@@ -510,21 +446,27 @@ class Round2Stats:
         d = cls.scatter_dim(num_classes, feature_dim)
         n = _scalar_count(arrays, "num_samples", where)
         scatter = _expect(_as_array(arrays, "scatter", where), "scatter", (d, d), "float")
+        sq_resid = _expect(
+            _as_array(arrays, "sq_resid", where), "sq_resid", (num_classes,), "float"
+        )
+        if (sq_resid < 0).any():
+            k = int(np.flatnonzero(sq_resid < 0)[0])
+            raise MetricInputError(
+                f"field 'sq_resid' has a negative sum of squares ({float(sq_resid[k])!r} for class {k})"
+            )
         agree = _scalar_count(arrays, "ncc_agree", where)
         correct = _scalar_count(arrays, "correct", where)
         for name, value in (("ncc_agree", agree), ("correct", correct)):
             if value > n:
                 raise MetricInputError(f"field '{name}' ({value}) exceeds num_samples ({n})")
-        return cls(n, scatter, agree, correct)
+        return cls(n, scatter, sq_resid, agree, correct)
 
 
 def round1_stats(h_NP: np.ndarray, y_N: np.ndarray, num_classes: int) -> Round1Stats:
     """Round-1 statistics of a block of features (any float dtype; accumulated in float64).
 
-    Rows are visited sorted by class, a cache-sized block at a time. Each run of one class
-    inside a block is summed, centered on its own mean and squared while it is in cache (an
-    exact two-pass computation that reads the features once), and merged into the totals
-    with Chan's correction; nothing is ever squared at a large offset.
+    Rows are visited sorted by class, a cache-sized block at a time, and each run of one
+    class inside a block is summed at once.
     """
     h_NP = np.asarray(h_NP)
     y_N = np.asarray(y_N).astype(np.intp, copy=False)
@@ -538,28 +480,20 @@ def round1_stats(h_NP: np.ndarray, y_N: np.ndarray, num_classes: int) -> Round1S
         gather = _RowGather(h_NP, rows)
         for block in order.blocks(part, rows):
             r_BP = gather(block.rows_B)
-            counts_J = block.stops_J - block.starts_J
             if block.long_runs:
-                runs = [run for _, run in block.runs()]
-                sums_JP = np.stack([r_BP[run].sum(axis=0) for run in runs])
-                _subtract_rows(r_BP, block, sums_JP / counts_J[:, None])
-                # A run is contiguous in memory: one dot product each.
-                sq_dev_J = np.array([np.vdot(r_BP[run], r_BP[run]) for run in runs])
+                sums_JP = np.stack([r_BP[run].sum(axis=0) for _, run in block.runs()])
             else:
                 sums_JP = np.add.reduceat(r_BP, block.starts_J, axis=0)
-                _subtract_rows(r_BP, block, sums_JP / counts_J[:, None])
-                sq_dev_J = np.add.reduceat(np.einsum("np,np->n", r_BP, r_BP), block.starts_J)
-            _chan_merge_into(
-                acc.counts_K, acc.sums_KP, acc.sq_dev_K, block.classes_J, counts_J, sums_JP,
-                sq_dev_J,
-            )  # fmt: skip
+            # The classes of one block's runs are distinct: fancy-indexed += adds each once.
+            acc.counts_K[block.classes_J] += block.stops_J - block.starts_J
+            acc.sums_KP[block.classes_J] += sums_JP
         return acc
 
     parts = _map_parts(accumulate, y_N.size, P)
     total = parts[0]
     for part_stats in parts[1:]:
         total.merge_in_place(part_stats)
-    if not (np.isfinite(total.sums_KP).all() and np.isfinite(total.sq_dev_K).all()):
+    if not np.isfinite(total.sums_KP).all():
         raise _non_finite_error(h_NP)
     return total
 
@@ -609,6 +543,7 @@ def round2_stats(
 
     def accumulate(part: slice) -> Round2Stats:
         scatter = np.zeros((d, d))
+        sq_resid_K = np.zeros(K)
         agree = correct = 0
         gather = _RowGather(h_NP, rows)
         scores_buf = np.empty((rows, 2 * K))
@@ -618,6 +553,7 @@ def round2_stats(
             y = block.labels_B
             if projected:
                 _subtract_rows(r_NP, block, class_means.means_KP[block.classes_J])
+                sq_resid_K[block.classes_J] += _class_sq_norms(r_NP, block)
                 np.matmul(r_NP, both_P2K, out=scores_N2K)
                 q_NK = scores_N2K[:, :K]
                 scatter += q_NK.T @ q_NK
@@ -627,17 +563,18 @@ def round2_stats(
                 np.matmul(r_NP, both_P2K, out=scores_N2K)
                 scores_N2K += offsets_2K
                 _subtract_rows(r_NP, block, mubar_KP[block.classes_J])
+                sq_resid_K[block.classes_J] += _class_sq_norms(r_NP, block)
                 scatter += r_NP.T @ r_NP
             # argmin_k ||h - mu_k||^2 == argmin_k ||mubar_k||^2 - 2 (h - mu_G).mubar_k
             nearest_N = np.argmin(mean_sq_K - 2.0 * scores_N2K[:, :K], axis=1)
             predicted_N = np.argmax(scores_N2K[:, K:], axis=1)
             agree += int(np.count_nonzero(predicted_N == nearest_N))
             correct += int(np.count_nonzero(predicted_N == y))
-        return Round2Stats(part.stop - part.start, scatter, agree, correct)
+        return Round2Stats(part.stop - part.start, scatter, sq_resid_K, agree, correct)
 
     total = Round2Stats.zeros(K, P)
     for part_stats in _map_parts(accumulate, N, P):
         total = total.merge(part_stats)
-    if not np.isfinite(total.scatter).all():
+    if not (np.isfinite(total.scatter).all() and np.isfinite(total.sq_resid_K).all()):
         raise _non_finite_error(h_NP)
     return total

@@ -65,9 +65,9 @@ log = logging.getLogger(__name__)
 
 ROUND_1 = 1
 ROUND_2 = 2
-ROUND1_NAMES = ("counts", "sums", "sq_dev")
+ROUND1_NAMES = ("counts", "sums")
 CLASSIFIER_NAMES = ("weight", "bias")
-ROUND2_NAMES = ("num_samples", "scatter", "ncc_agree", "correct")
+ROUND2_NAMES = ("num_samples", "scatter", "sq_resid", "ncc_agree", "correct")
 HOLDOUT_PREFIX = "holdout."
 
 RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/=+@-]{0,199}")
@@ -223,6 +223,7 @@ def _r2_from_stored(arrays: Mapping[str, np.ndarray], prefix: str) -> Round2Stat
     return Round2Stats(
         int(found["num_samples"]),
         found["scatter"],
+        found["sq_resid"],
         int(found["ncc_agree"]),
         int(found["correct"]),
     )
@@ -256,9 +257,6 @@ class Aggregator:
         # Everything of a finalize that needs only round 1 runs here while round 2 arrives,
         # so the last round-2 shard pays only for the round-2 part.
         self._prepare_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ncserve-prep")
-        # Merges of round-1 shards lie on the path every rank of a step waits on: each
-        # commit merges half the classes in this thread, half in the committing one.
-        self._merge_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ncserve-merge")
         self._restore()
 
     # -- startup -----------------------------------------------------------------------------
@@ -281,7 +279,7 @@ class Aggregator:
             state = _OpenStep(run, record.step, time.time(), now, epoch=record.epoch)
             t = record.tensors
             if "r1.counts" in t:
-                state.r1 = Round1Stats(t["r1.counts"], t["r1.sums"], t["r1.sq_dev"])
+                state.r1 = Round1Stats(t["r1.counts"], t["r1.sums"])
             state.weight = t.get("weight")
             state.bias = t.get("bias")
             state.r2 = _r2_from_stored(t, "r2.") or Round2Stats.zeros(K, P)
@@ -565,9 +563,15 @@ class Aggregator:
         K, P = run.num_classes, run.feature_dim
         unknown = sorted(set(arrays) - set(ROUND1_NAMES) - set(CLASSIFIER_NAMES))
         if unknown:
+            older = (
+                " (sent by an older ncserve client: per-class sums of squares now travel in "
+                "round 2, as 'sq_resid'; upgrade the client)"
+                if unknown[0] == "sq_dev"
+                else ""
+            )
             raise InvalidArgument(
                 f"unknown tensor {unknown[0]!r} in a round-1 push; expected "
-                f"{', '.join(ROUND1_NAMES + CLASSIFIER_NAMES)}"
+                f"{', '.join(ROUND1_NAMES + CLASSIFIER_NAMES)}{older}"
             )
         try:
             stats = Round1Stats.from_arrays(
@@ -730,8 +734,9 @@ class Aggregator:
             accepted.append(item)
         if not accepted:
             return
-        stats = [i.stats1 for i in accepted if i.stats1 is not None]
-        merged.merge_all_in_place(stats, self._merge_pool)
+        for item in accepted:
+            assert item.stats1 is not None
+            merged.merge_in_place(item.stats1)
         tensors: dict[str, np.ndarray] = _prefixed(merged.to_arrays(), "r1.")
         if state.weight is None and weight is not None:
             tensors["weight"] = weight

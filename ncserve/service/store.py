@@ -46,7 +46,7 @@ from ncserve.service.errors import ResourceExhausted, ServiceError, Unavailable
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _CHECKPOINT_INTERVAL_S = 0.5
 _AUTOCHECKPOINT_PAGES = 4096  # 256 MiB of 64 KiB pages
 _WAL_SIZE_LIMIT = 64 << 20
@@ -130,6 +130,24 @@ MIGRATIONS: tuple[Migration, ...] = (
             PRIMARY KEY (run_id, step, name),
             FOREIGN KEY (run_id, step) REFERENCES open_steps(run_id, step)
         );
+        """,
+    ),
+    Migration(
+        2,
+        "round statistics v2: per-class sums of squares in round 2; schema-1 open steps closed",
+        # Schema 1 kept each class's sum of squares in the round-1 state (r1.sq_dev) and none
+        # in round 2, so a step open across the upgrade can be finished by neither old nor
+        # new clients: it is closed as incomplete (visible, never half-counted). Its shards
+        # rows stay, so a retry is still recognised.
+        """
+        INSERT INTO measurements (run_id, step, epoch, status, reason, finalized_unix)
+            SELECT run_id, step, epoch, 'incomplete',
+                'open when the service was upgraded to store schema 2 (per-class sums of '
+                || 'squares moved from round 1 to round 2); its round state cannot be finished',
+                (julianday('now') - 2440587.5) * 86400.0
+            FROM open_steps;
+        DELETE FROM step_tensors;
+        DELETE FROM open_steps;
         """,
     ),
 )
