@@ -13,8 +13,10 @@ class means, push round 2. It prints
   WatchMetrics subscriber receives the measurement; and, stricter, from the moment the
   last rank *started* its round-2 push, which adds the time the 64 client threads,
   sharing one interpreter, take to get their own messages out;
-- the server's peak resident memory (VmHWM), and the same for a run with C/4
-  clients, to show it does not grow with the number of ranks;
+- the server's peak resident memory (VmHWM) with C ranks, and in shorter runs with C/4,
+  C/2 and 2C ranks: decoded shards are capped by the server's in-flight byte budget
+  (``--max-inflight-bytes``), so past the few dozen ranks that fill it memory grows only by
+  per-stream transport buffers;
 - the ratio of the total ingest time to the time the same clients take to send
   the same messages (and receive the same class-mean streams) through a bare
   gRPC echo server, also a subprocess, in the same run. The two alternate
@@ -58,7 +60,12 @@ ECHO_SOURCE = "/bench.Echo/Source"
 class RankPayload:
     round1: list[pb.TensorChunk]
     round2: list[pb.TensorChunk]
-    num_bytes: int
+    round1_bytes: int  # tensor data, as the client library declares it in the header
+    round2_bytes: int
+
+    @property
+    def num_bytes(self) -> int:
+        return self.round1_bytes + self.round2_bytes
 
 
 def make_payloads(clients: int, K: int, P: int, seed: int = 0) -> list[RankPayload]:
@@ -79,14 +86,20 @@ def make_payloads(clients: int, K: int, P: int, seed: int = 0) -> list[RankPaylo
         r2 = Round2Stats(n, q.T @ q, rng.random(K) * 10, n // 2, n // 3)
         round1 = list(wire.encode_arrays(arrays))
         round2 = list(wire.encode_arrays(r2.to_arrays()))
-        size = sum(len(c.piece.data) for c in round1 + round2 if c.HasField("piece"))
-        payloads.append(RankPayload(round1, round2, size))
+        payloads.append(
+            RankPayload(
+                round1, round2, wire.payload_nbytes(arrays), wire.payload_nbytes(r2.to_arrays())
+            )
+        )
     return payloads
 
 
 def shard_stream(
-    step: int, rank: int, round_: pb.Round, chunks: list[pb.TensorChunk], K: int, P: int
+    step: int, rank: int, round_: pb.Round, payload: RankPayload, K: int, P: int
 ) -> Iterator[pb.ShardChunk]:
+    """One push as ``ncserve.client`` sends it (header with the declared payload size)."""
+    first = round_ == pb.ROUND_1
+    chunks = payload.round1 if first else payload.round2
     yield pb.ShardChunk(
         header=pb.ShardHeader(
             run_id=RUN_ID,
@@ -95,6 +108,7 @@ def shard_stream(
             round=round_,
             num_classes=K,
             feature_dim=P,
+            payload_bytes=payload.round1_bytes if first else payload.round2_bytes,
         )
     )
     for chunk in chunks:
@@ -249,13 +263,13 @@ def run_clients(
             start_gate.wait()
             payload = payloads[rank]
             for step in range(steps):
-                sink_1(shard_stream(step, rank, pb.ROUND_1, payload.round1, K, P), timeout=120)
+                sink_1(shard_stream(step, rank, pb.ROUND_1, payload, K, P), timeout=120)
                 if mode == "echo-sync":
                     round1_in.wait(120)
                 request = pb.ClassMeansRequest(run_id=RUN_ID, step=step, rank=rank)
                 for _ in source(request, timeout=120):
                     pass
-                push2 = shard_stream(step, rank, pb.ROUND_2, payload.round2, K, P)
+                push2 = shard_stream(step, rank, pb.ROUND_2, payload, K, P)
                 started = time.perf_counter()
                 with lock:
                     times.started[step] = max(times.started.get(step, 0.0), started)
@@ -286,13 +300,19 @@ def run_clients(
 
 
 def ncserve_run(
-    workdir: Path, payloads: list[RankPayload], steps: int, K: int, P: int, tag: str
+    workdir: Path,
+    payloads: list[RankPayload],
+    steps: int,
+    K: int,
+    P: int,
+    tag: str,
+    server_args: tuple[str, ...] = (),
 ) -> RunResult:
     db = workdir / f"{tag}.db"
     args = [
         sys.executable, "-c", "from ncserve.cli import main; main()", "serve",
         "--listen", "127.0.0.1:0", "--db", str(db), "--log-level", "warning",
-        "--max-workers", str(max(64, 2 * len(payloads) + 32)),
+        "--max-workers", str(max(64, 2 * len(payloads) + 32)), *server_args,
     ]  # fmt: skip
     with subprocess_server(args, workdir) as (process, port):
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -370,6 +390,18 @@ def main() -> None:
     parser.add_argument(
         "--repeats", type=int, default=3, help="echo / ncserve pairs run alternately (median)"
     )
+    parser.add_argument(
+        "--max-inflight-bytes",
+        type=int,
+        default=None,
+        help="passed to ncserve serve (default: the server's own default)",
+    )
+    parser.add_argument(
+        "--memory-steps",
+        type=int,
+        default=5,
+        help="steps of each extra run that measures peak memory at C/4, C/2 and 2C ranks",
+    )
     # Internal: run as the echo server subprocess.
     parser.add_argument("--echo-server", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--means-bytes", type=int, default=0, help=argparse.SUPPRESS)
@@ -387,19 +419,29 @@ def main() -> None:
           f"{os.cpu_count()} CPUs, {shard_bytes / 2**20:.2f} MiB per rank per step, "
           f"{args.repeats} echo / ncserve pairs")  # fmt: skip
     workers = max(64, 2 * clients + 32)
+    server_args: tuple[str, ...] = ()
+    if args.max_inflight_bytes is not None:
+        server_args = ("--max-inflight-bytes", str(args.max_inflight_bytes))
     pairs: list[tuple[float, float, RunResult]] = []
     with tempfile.TemporaryDirectory(prefix="ncserve-bench-") as tmp:
         workdir = Path(tmp)
         echo_free, _ = echo_run(workdir, payloads, steps, K, P, workers, "echo-free")
         for i in range(args.repeats):
             echo_s, echo_cpu = echo_run(workdir, payloads, steps, K, P, workers, "echo-sync")
-            full = ncserve_run(workdir, payloads, steps, K, P, f"full-{i}")
+            full = ncserve_run(workdir, payloads, steps, K, P, f"full-{i}", server_args)
             pairs.append((echo_s, echo_cpu, full))
             print(f"  pair {i + 1}: echo {echo_s:6.2f} s, ncserve {full.seconds:6.2f} s "
                   f"-> ratio {full.seconds / echo_s:.2f}   server CPU {full.server_cpu_s:.2f} s "
                   f"(echo server {echo_cpu:.2f} s)")  # fmt: skip
-        few = max(2, clients // 4)
-        small = ncserve_run(workdir, make_payloads(few, K, P, seed=1), steps, K, P, "small")
+        # Peak memory against the number of ranks: shorter runs (the peak comes within a step
+        # or two), each with its own server.
+        peaks = {clients: max(pair[2].peak_rss for pair in pairs)}
+        for ranks in sorted({max(2, clients // 4), max(2, clients // 2), 2 * clients}):
+            run = ncserve_run(
+                workdir, make_payloads(ranks, K, P, seed=ranks), args.memory_steps, K, P,
+                f"memory-{ranks}", server_args,
+            )  # fmt: skip
+            peaks[ranks] = run.peak_rss
 
     ratios = [full.seconds / echo_s for echo_s, _, full in pairs]
     median_ratio = statistics.median(ratios)
@@ -423,8 +465,8 @@ def main() -> None:
         f"{percentile(started_ms, 99):.1f} ms  (adds the client threads' own queueing)"
     )
     print(
-        f"  server peak RSS                   {full.peak_rss / 2**20:8.1f} MiB "
-        f"({clients} ranks);  {small.peak_rss / 2**20:.1f} MiB ({few} ranks)"
+        "  server peak RSS by ranks          "
+        + ",  ".join(f"{ranks}: {peak / 2**20:.0f} MiB" for ranks, peak in sorted(peaks.items()))
     )
     print(
         f"  ingest / echo ratio (median)      {median_ratio:8.2f}   "

@@ -110,9 +110,17 @@ class ClientResult:
 def _stream(
     step: int, rank: int, round_: pb.Round, chunks: list[pb.TensorChunk], K: int, P: int
 ) -> Iterator[pb.ShardChunk]:
+    # The declared payload size, as ncserve.client sends it.
+    size = sum(len(c.piece.data) for c in chunks if c.HasField("piece"))
     yield pb.ShardChunk(
         header=pb.ShardHeader(
-            run_id=RUN_ID, step=step, rank=rank, round=round_, num_classes=K, feature_dim=P
+            run_id=RUN_ID,
+            step=step,
+            rank=rank,
+            round=round_,
+            num_classes=K,
+            feature_dim=P,
+            payload_bytes=size,
         )
     )
     for chunk in chunks:

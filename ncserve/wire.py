@@ -57,6 +57,13 @@ def wire_dtype(array: np.ndarray) -> tuple[pb.DType, np.dtype]:
     raise TypeError(f"array dtype {array.dtype} cannot travel on the wire (only ints and floats)")
 
 
+def payload_nbytes(arrays: Mapping[str, np.ndarray]) -> int:
+    """Bytes of tensor data ``encode_arrays(arrays)`` carries (what a push header declares)."""
+    return sum(
+        np.size(value) * wire_dtype(np.asarray(value))[1].itemsize for value in arrays.values()
+    )
+
+
 def encode_arrays(
     arrays: Mapping[str, np.ndarray], max_piece_bytes: int = MAX_PIECE_BYTES, digest: bool = True
 ) -> Iterator[pb.TensorChunk]:

@@ -155,13 +155,18 @@ class Request:
     allowed: set[grpc.StatusCode] = field(default_factory=set)
     # Tensors whose shape or dtype was changed: changing them again could undo the defect.
     reshaped: set[str] = field(default_factory=set)
+    # Declare a payload size off by this many bytes from what the stream carries.
+    payload_error: int | None = None
 
     def mutate(self, name: str, *codes: grpc.StatusCode) -> None:
         self.mutations.append(name)
         self.allowed.update(codes)
 
     def messages(self) -> list[pb.ShardChunk]:
-        messages = [pb.ShardChunk(header=pb.ShardHeader(**self.header_fields))]
+        header = pb.ShardHeader(**self.header_fields)
+        if self.payload_error is not None:
+            header.payload_bytes = max(0, wire.payload_nbytes(self.arrays) + self.payload_error)
+        messages = [pb.ShardChunk(header=header)]
         messages += [pb.ShardChunk(chunk=c) for c in wire.encode_arrays(self.arrays)]
         for edit in self.stream_edits:
             messages = edit(messages)
@@ -181,11 +186,18 @@ def _shape_other_than(shape: tuple[int, ...]) -> st.SearchStrategy[tuple[int, ..
 
 @st.composite
 def header_mutation(draw: st.DrawFn, req: Request, round_: int) -> None:
-    kind = draw(
-        st.sampled_from(
-            ["run_id", "step", "rank", "num_classes", "feature_dim", "epoch", "round", "extra"]
-        )
-    )
+    kinds = [
+        "run_id",
+        "step",
+        "rank",
+        "num_classes",
+        "feature_dim",
+        "epoch",
+        "round",
+        "payload_bytes",
+        "extra",
+    ]
+    kind = draw(st.sampled_from(kinds))
     fields = req.header_fields
     if kind == "run_id":
         fields["run_id"] = draw(st.text(max_size=30).filter(lambda s: s != "run"))
@@ -206,6 +218,9 @@ def header_mutation(draw: st.DrawFn, req: Request, round_: int) -> None:
     elif kind == "round":
         fields["round"] = draw(st.integers(-5, 10).filter(lambda r: r != round_))
         req.mutate("header: round not the RPC's", INVALID)
+    elif kind == "payload_bytes":
+        req.payload_error = draw(st.integers(-(2**20), 2**40).filter(lambda d: d != 0))
+        req.mutate("header: payload_bytes not what the stream carries", INVALID, EXHAUSTED)
     elif round_ == 1:
         if draw(st.booleans()):
             fields["scalars"] = draw(

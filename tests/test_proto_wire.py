@@ -34,6 +34,8 @@ def test_round_trip_is_bit_exact(arrays: dict[str, np.ndarray], piece: int) -> N
     assert all(len(c.piece.data) <= piece for c in chunks[:-1])
     decoded = wire.decode_arrays(chunks)
     assert list(decoded) == list(arrays)
+    # What a push header declares is what the stream carries.
+    assert wire.payload_nbytes(arrays) == chunks[-1].trailer.total_bytes
     for name, array in arrays.items():
         got = decoded[name]
         assert got.shape == array.shape
@@ -57,7 +59,9 @@ def test_other_dtypes_travel_as_int64_or_float64() -> None:
         "b": np.ones(3, dtype=np.float32),
         "c": np.bool_(1),
     }
-    decoded = wire.decode_arrays(wire.encode_arrays(arrays))
+    chunks = list(wire.encode_arrays(arrays))
+    assert wire.payload_nbytes(arrays) == chunks[-1].trailer.total_bytes == 8 * (4 + 3 + 1)
+    decoded = wire.decode_arrays(chunks)
     assert decoded["a"].dtype == np.int64 and decoded["b"].dtype == np.float64
     assert int(decoded["c"]) == 1
     with pytest.raises(TypeError, match="complex"):

@@ -137,6 +137,7 @@ class Case:
 
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
+R1_BYTES = wire.payload_nbytes(r1_arrays())
 bad_counts = np.array([3, -1, 4])
 nan_sums = r1_arrays()["sums"].copy()
 nan_sums[1, 2] = np.nan
@@ -212,6 +213,22 @@ CASES: dict[str, Case] = {
     "checksum mismatch, sender without sha256": Case(
         push1(edited(lambda m: _with_checksums(m, m[-1].chunk.trailer.crc32 ^ 0xFF, b""))),
         INVALID, "crc32", "invalid_argument",
+    ),
+    "payload_bytes under what the tensors hold": Case(
+        push1(standard(r1_header(payload_bytes=8))),
+        INVALID, "larger than the header's payload_bytes=8", "invalid_argument",
+    ),
+    "payload_bytes over what the stream carried": Case(
+        push1(standard(r1_header(payload_bytes=R1_BYTES + 8))),
+        INVALID, f"header payload_bytes={R1_BYTES + 8} but the stream carried {R1_BYTES} bytes",
+        "invalid_argument",
+    ),
+    "payload_bytes zero": Case(
+        push1(standard(r1_header(payload_bytes=0))), INVALID, "payload_bytes=0", "invalid_argument"
+    ),
+    "payload_bytes over the service's limit": Case(
+        push1(standard(r1_header(payload_bytes=10**12))), grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "payload_bytes=1000000000000 is over", "resource_exhausted",
     ),
     "round in header not matching the RPC": Case(
         push1(standard(r1_header(round=pb.ROUND_2))), INVALID, "round=ROUND_2", "invalid_argument"

@@ -26,6 +26,7 @@ from tests.service_support import (
     push_round1,
     push_round2,
     register,
+    round1_arrays,
     round2_arrays,
     run_step_sequentially,
     start_test_server,
@@ -499,6 +500,41 @@ def test_in_flight_budget_serializes_pushes_without_losing_any(tmp_path) -> None
         h, y = data.union()
         got = stub.GetMetrics(pb.GetMetricsRequest(run_id="run", step=0)).measurements[0]
         assert_metrics_close(got.metrics, compute_metrics(h, y, data.weight_KP, data.bias_K), 1e-9)
+    finally:
+        channel.close()
+        handle.stop(0.5)
+
+
+def test_the_budget_holds_a_declared_payload_size_else_the_largest_push(
+    tmp_path, monkeypatch
+) -> None:
+    """A push whose header declares its size is charged that size (only one rank sends W,
+    which doubles a round-1 push); one that does not is charged the most the round carries."""
+    from ncserve import wire
+    from ncserve.service.servicer import ByteBudget
+
+    held: list[int] = []
+    real_hold = ByteBudget.hold
+
+    def recording_hold(self, num_bytes, timeout_s):
+        held.append(num_bytes)
+        return real_hold(self, num_bytes, timeout_s)
+
+    monkeypatch.setattr(ByteBudget, "hold", recording_hold)
+    handle = start_test_server(tmp_path / "nc.db")
+    channel, stub = insecure_stub(handle.port)
+    try:
+        K, P = 4, 6
+        data = make_dataset(3, K, P, 2, 10)
+        register(stub, "run", data)
+        arrays = round1_arrays(data, 1)  # no W on rank 1
+        declared = wire.payload_nbytes(arrays)
+        assert declared == 8 * (K + K * P)
+        hdr = header("run", 0, 1, pb.ROUND_1, K, P, payload_bytes=declared)
+        stub.PushRound1(push_messages(hdr, arrays), timeout=30)
+        assert held == [declared]
+        push_round1(stub, "run", 0, data, 0)  # W and b, size not declared
+        assert held[1] == 8 * (K + K * P) + 8 * (K * P + K)
     finally:
         channel.close()
         handle.stop(0.5)

@@ -41,7 +41,7 @@ from ncserve.client.retry import TRANSIENT_CODES, RetryPolicy, is_transient, sta
 from ncserve.metrics import METRIC_KEYS, ClassMeans, MetricInputError, Round1Stats, Round2Stats
 from ncserve.v1 import ncserve_pb2 as pb
 from ncserve.v1 import ncserve_pb2_grpc as pb_grpc
-from ncserve.wire import WireError, decode_arrays, encode_arrays
+from ncserve.wire import WireError, decode_arrays, encode_arrays, payload_nbytes
 
 log = logging.getLogger(__name__)
 
@@ -690,6 +690,8 @@ class NCClient:
             round=pb.ROUND_1 if key.kind == KIND_ROUND1 else pb.ROUND_2,
             num_classes=call.meta["num_classes"],
             feature_dim=call.meta["feature_dim"],
+            # Lets the service reserve this push's real size, not the round's largest.
+            payload_bytes=payload_nbytes(call.arrays),
         )
         if call.meta.get("epoch") is not None:
             header.epoch = int(call.meta["epoch"])

@@ -453,10 +453,11 @@ class Aggregator:
         return run
 
     def expected_payload_bytes(self, run: RunRecord, round_: int) -> int:
-        """Exact payload size of a well-formed push (a bound for the wire assembler)."""
+        """The most a well-formed push of the round carries: round 1 with W and b, round 2
+        with its held-out copy (a bound for the wire assembler and the in-flight budget)."""
         K, P = run.num_classes, run.feature_dim
         if round_ == ROUND_1:
-            return 8 * (K + K * P + K + K * P + K)
+            return 8 * (K + K * P) + 8 * (K * P + K)
         d = Round2Stats.scatter_dim(K, P)
         return 2 * 8 * (3 + d * d + K)
 

@@ -236,12 +236,22 @@ class NCServicer(pb_grpc.NCServiceServicer):
     ) -> pb.PushReply:
         messages = iter(request_iterator)
         try:
-            header, run = self._read_header(messages, round_)
-            cost = self._agg.expected_payload_bytes(run, round_)
+            header, run, declared = self._read_header(messages, round_)
+            limit = self._payload_limit(run, round_)
+            if declared is not None and declared > limit:
+                raise ResourceExhausted(
+                    f"header payload_bytes={declared} is over the {limit} bytes this service "
+                    f"takes in a round-{round_} push for K={run.num_classes}, "
+                    f"p={run.feature_dim}"
+                )
             # Held until the shard is merged: bounds the memory of decoded shards, whatever
             # the number of ranks pushing at once; the others wait in gRPC flow control.
+            # A sender that declares its size is charged that, not the most a push of the
+            # round can carry (W, which one rank sends, doubles a round-1 push).
+            cost = self._agg.expected_payload_bytes(run, round_) if declared is None else declared
             with self._budget.hold(cost, context.time_remaining()):
-                result = self._agg.push(self._read_payload(messages, header, run, round_))
+                payload = self._read_payload(messages, header, round_, limit, declared)
+                result = self._agg.push(payload)
         except ServiceError as exc:
             self._metrics.shard_rejected(exc.reason)
             _abort(context, exc)
@@ -249,7 +259,8 @@ class NCServicer(pb_grpc.NCServiceServicer):
 
     def _read_header(
         self, messages: Iterator[pb.ShardChunk], round_: int
-    ) -> tuple[ShardPush, RunRecord]:
+    ) -> tuple[ShardPush, RunRecord, int | None]:
+        """The push as the header describes it, its run, and the declared payload size."""
         first = next(messages, None)
         if first is None:
             raise TruncatedStream("push stream is empty: expected a ShardHeader first")
@@ -278,12 +289,21 @@ class NCServicer(pb_grpc.NCServiceServicer):
             payload_sha256="",
             payload_bytes=0,
         )
-        return push, self._agg.check_header(push)
+        declared = header.payload_bytes if header.HasField("payload_bytes") else None
+        if declared == 0:
+            raise InvalidArgument("header payload_bytes=0: a push carries at least one tensor")
+        return push, self._agg.check_header(push), declared
 
     def _read_payload(
-        self, messages: Iterator[pb.ShardChunk], header: ShardPush, run: RunRecord, round_: int
+        self,
+        messages: Iterator[pb.ShardChunk],
+        header: ShardPush,
+        round_: int,
+        limit: int,
+        declared: int | None,
     ) -> ShardPush:
-        assembler = wire.ArrayAssembler(max_total_bytes=self._payload_limit(run, round_))
+        where = f"push of rank {header.rank}"
+        assembler = wire.ArrayAssembler(max_total_bytes=limit if declared is None else declared)
         try:
             for message in messages:
                 if message.WhichOneof("body") != "chunk":
@@ -292,10 +312,20 @@ class NCServicer(pb_grpc.NCServiceServicer):
             arrays = assembler.arrays()
         except wire.WireError as exc:
             if exc.reason == "truncated":
-                raise TruncatedStream(f"push of rank {header.rank}: {exc}") from exc
+                raise TruncatedStream(f"{where}: {exc}") from exc
             if exc.reason == "resource_exhausted":
-                raise ResourceExhausted(f"push of rank {header.rank}: {exc}") from exc
-            raise InvalidArgument(f"push of rank {header.rank}: {exc}") from exc
+                if declared is not None:
+                    raise InvalidArgument(
+                        f"{where}: its tensors are larger than the header's "
+                        f"payload_bytes={declared}: {exc}"
+                    ) from exc
+                raise ResourceExhausted(f"{where}: {exc}") from exc
+            raise InvalidArgument(f"{where}: {exc}") from exc
+        if declared is not None and assembler.payload_bytes != declared:
+            raise InvalidArgument(
+                f"{where}: header payload_bytes={declared} but the stream carried "
+                f"{assembler.payload_bytes} bytes"
+            )
         return dataclasses.replace(
             header,
             arrays=arrays,

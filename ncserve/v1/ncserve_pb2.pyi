@@ -83,7 +83,7 @@ class TrainTally(_message.Message):
     def __init__(self, loss_sum: _Optional[float] = ..., num_correct: _Optional[int] = ..., num_samples: _Optional[int] = ...) -> None: ...
 
 class ShardHeader(_message.Message):
-    __slots__ = ("run_id", "step", "rank", "round", "num_classes", "feature_dim", "epoch", "scalars", "train_tally")
+    __slots__ = ("run_id", "step", "rank", "round", "num_classes", "feature_dim", "epoch", "scalars", "train_tally", "payload_bytes")
     class ScalarsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -100,6 +100,7 @@ class ShardHeader(_message.Message):
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     SCALARS_FIELD_NUMBER: _ClassVar[int]
     TRAIN_TALLY_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     step: int
     rank: int
@@ -109,7 +110,8 @@ class ShardHeader(_message.Message):
     epoch: int
     scalars: _containers.ScalarMap[str, float]
     train_tally: TrainTally
-    def __init__(self, run_id: _Optional[str] = ..., step: _Optional[int] = ..., rank: _Optional[int] = ..., round: _Optional[_Union[Round, str]] = ..., num_classes: _Optional[int] = ..., feature_dim: _Optional[int] = ..., epoch: _Optional[int] = ..., scalars: _Optional[_Mapping[str, float]] = ..., train_tally: _Optional[_Union[TrainTally, _Mapping]] = ...) -> None: ...
+    payload_bytes: int
+    def __init__(self, run_id: _Optional[str] = ..., step: _Optional[int] = ..., rank: _Optional[int] = ..., round: _Optional[_Union[Round, str]] = ..., num_classes: _Optional[int] = ..., feature_dim: _Optional[int] = ..., epoch: _Optional[int] = ..., scalars: _Optional[_Mapping[str, float]] = ..., train_tally: _Optional[_Union[TrainTally, _Mapping]] = ..., payload_bytes: _Optional[int] = ...) -> None: ...
 
 class ShardChunk(_message.Message):
     __slots__ = ("header", "chunk")
