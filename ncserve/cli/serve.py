@@ -151,10 +151,11 @@ def _write_port_file(path: Path, port: int) -> None:
 @click.option(
     "--max-inflight-bytes",
     type=click.IntRange(min=1 << 20),
-    default=64 << 20,
+    default=48 << 20,
     show_default=True,
-    help="Shard payload bytes decoded at once over all pushes; more pushes wait their turn "
-    "(bounds memory whatever the number of ranks).",
+    help="Shard payload bytes decoded at once over all pushes (a push is charged the size "
+    "its header declares, else the most its round can carry); more pushes wait their turn, "
+    "so memory stops growing with the number of ranks once this is full.",
 )
 @click.option(
     "--blas-threads",

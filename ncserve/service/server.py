@@ -61,7 +61,7 @@ class ServerConfig(BaseModel):
     max_message_bytes: int = Field(4 << 20, ge=2 << 20, description="largest gRPC message")
     max_shard_bytes: int = Field(2 << 30, ge=1 << 20, description="largest push payload")
     max_inflight_bytes: int = Field(
-        64 << 20, ge=1 << 20, description="payload bytes decoded at once over all pushes"
+        48 << 20, ge=1 << 20, description="payload bytes decoded at once over all pushes"
     )
     grace_s: float = Field(10.0, ge=0, description="drain time on stop / SIGTERM")
 
