@@ -46,10 +46,13 @@ from pathlib import Path
 import grpc
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from ncserve import wire
 from ncserve.metrics import Round1Stats, Round2Stats
 from ncserve.v1 import ncserve_pb2 as pb
 from ncserve.v1 import ncserve_pb2_grpc as pb_grpc
+from tests.service_support import encoded_push, header
 
 RUN_ID = "bench"
 ECHO_SINK = "/bench.Echo/Sink"
@@ -98,21 +101,10 @@ def shard_stream(
     step: int, rank: int, round_: pb.Round, payload: RankPayload, K: int, P: int
 ) -> Iterator[pb.ShardChunk]:
     """One push as ``ncserve.client`` sends it (header with the declared payload size)."""
-    first = round_ == pb.ROUND_1
-    chunks = payload.round1 if first else payload.round2
-    yield pb.ShardChunk(
-        header=pb.ShardHeader(
-            run_id=RUN_ID,
-            step=step,
-            rank=rank,
-            round=round_,
-            num_classes=K,
-            feature_dim=P,
-            payload_bytes=payload.round1_bytes if first else payload.round2_bytes,
-        )
-    )
-    for chunk in chunks:
-        yield pb.ShardChunk(chunk=chunk)
+    hdr = header(RUN_ID, step, rank, round_, K, P)
+    if round_ == pb.ROUND_1:
+        return encoded_push(hdr, payload.round1, payload.round1_bytes)
+    return encoded_push(hdr, payload.round2, payload.round2_bytes)
 
 
 # -- processes --------------------------------------------------------------------------------

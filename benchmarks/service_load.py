@@ -35,7 +35,6 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,7 +50,7 @@ from ncserve.metrics import Round1Stats, Round2Stats, finalize  # noqa: E402
 from ncserve.v1 import ncserve_pb2 as pb  # noqa: E402
 from ncserve.v1 import ncserve_pb2_grpc as pb_grpc  # noqa: E402
 from tests.reliability_support import Sidecar  # noqa: E402
-from tests.service_support import make_pki  # noqa: E402
+from tests.service_support import encoded_push, header, make_pki  # noqa: E402
 
 RUN_ID = "load"
 CALL_TIMEOUT_S = 120.0
@@ -107,26 +106,6 @@ class ClientResult:
     bytes_sent: int = 0
 
 
-def _stream(
-    step: int, rank: int, round_: pb.Round, chunks: list[pb.TensorChunk], K: int, P: int
-) -> Iterator[pb.ShardChunk]:
-    # The declared payload size, as ncserve.client sends it.
-    size = sum(len(c.piece.data) for c in chunks if c.HasField("piece"))
-    yield pb.ShardChunk(
-        header=pb.ShardHeader(
-            run_id=RUN_ID,
-            step=step,
-            rank=rank,
-            round=round_,
-            num_classes=K,
-            feature_dim=P,
-            payload_bytes=size,
-        )
-    )
-    for chunk in chunks:
-        yield pb.ShardChunk(chunk=chunk)
-
-
 def client_process(
     target: str,
     ranks: list[int],
@@ -149,8 +128,8 @@ def client_process(
             weight, bias = classifier(seed, K, P)
             arrays = {**arrays, "weight": weight, "bias": bias}
         payloads[rank] = (
-            list(wire.encode_arrays(arrays)),
-            list(wire.encode_arrays(r2.to_arrays())),
+            (list(wire.encode_arrays(arrays)), wire.payload_nbytes(arrays)),
+            (list(wire.encode_arrays(r2.to_arrays())), wire.payload_nbytes(r2.to_arrays())),
         )
     options = [("grpc.max_receive_message_length", 64 << 20)]
     if ca_cert is None:
@@ -164,13 +143,13 @@ def client_process(
     lock = threading.Lock()
 
     def play(rank: int) -> None:
-        round1, round2 = payloads[rank]
-        sent = sum(len(c.piece.data) for c in round1 + round2 if c.HasField("piece"))
+        (round1, size1), (round2, size2) = payloads[rank]
+        sent = size1 + size2
         for step in range(steps):
             try:
                 started = time.perf_counter()
                 stub.PushRound1(
-                    _stream(step, rank, pb.ROUND_1, round1, K, P),
+                    encoded_push(header(RUN_ID, step, rank, pb.ROUND_1, K, P), round1, size1),
                     timeout=CALL_TIMEOUT_S,
                     metadata=metadata,
                 )
@@ -180,7 +159,7 @@ def client_process(
                     pass
                 fetched = time.perf_counter()
                 stub.PushRound2(
-                    _stream(step, rank, pb.ROUND_2, round2, K, P),
+                    encoded_push(header(RUN_ID, step, rank, pb.ROUND_2, K, P), round2, size2),
                     timeout=CALL_TIMEOUT_S,
                     metadata=metadata,
                 )

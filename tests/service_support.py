@@ -72,6 +72,19 @@ def header(
     )
 
 
+def encoded_push(
+    hdr: pb.ShardHeader, chunks: Sequence[pb.TensorChunk], payload_bytes: int
+) -> Iterator[pb.ShardChunk]:
+    """A push of chunks encoded beforehand, as ncserve.client sends it: the header declares
+    the payload size (``wire.payload_nbytes`` of the arrays the chunks carry)."""
+    declared = pb.ShardHeader()
+    declared.CopyFrom(hdr)
+    declared.payload_bytes = payload_bytes
+    yield pb.ShardChunk(header=declared)
+    for chunk in chunks:
+        yield pb.ShardChunk(chunk=chunk)
+
+
 def push_messages(hdr: pb.ShardHeader, arrays: Mapping[str, np.ndarray]) -> Iterator[pb.ShardChunk]:
     yield pb.ShardChunk(header=hdr)
     for chunk in wire.encode_arrays(arrays):
