@@ -250,7 +250,7 @@ class NCServicer(pb_grpc.NCServiceServicer):
             # round can carry (W, which one rank sends, doubles a round-1 push).
             cost = self._agg.expected_payload_bytes(run, round_) if declared is None else declared
             with self._budget.hold(cost, context.time_remaining()):
-                payload = self._read_payload(messages, header, round_, limit, declared)
+                payload = self._read_payload(messages, header, limit, declared)
                 result = self._agg.push(payload)
         except ServiceError as exc:
             self._metrics.shard_rejected(exc.reason)
@@ -298,7 +298,6 @@ class NCServicer(pb_grpc.NCServiceServicer):
         self,
         messages: Iterator[pb.ShardChunk],
         header: ShardPush,
-        round_: int,
         limit: int,
         declared: int | None,
     ) -> ShardPush:
