@@ -16,14 +16,13 @@ everything but ``labels``, and the Tracker captures the input of its last ``nn.L
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from ncserve.integrations.measurement import measurement_batches, service_scalars
-from ncserve.track import Tracker
+from ncserve.integrations.measurement import ScheduledTracking, service_scalars
 
 try:
     from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
@@ -36,7 +35,7 @@ except ImportError as err:
 _LOG_SCALARS = {"loss": "train_loss", "learning_rate": "lr", "grad_norm": "grad_norm"}
 
 
-class NCTrackerCallback(TrainerCallback):
+class NCTrackerCallback(ScheduledTracking, TrainerCallback):
     """Measure NC0-NC4 at the start of training, every ``every_n_epochs`` epochs and at the end.
 
     Every process measures (a collective, like the Tracker's ``measure``); the metrics come
@@ -57,26 +56,8 @@ class NCTrackerCallback(TrainerCallback):
             ``tensorboard``.
     """
 
-    def __init__(
-        self,
-        measure_dataloader: Iterable[Any],
-        every_n_epochs: int = 1,
-        shard_across_ranks: bool = True,
-        **tracker_kwargs: Any,
-    ) -> None:
-        if every_n_epochs < 1:
-            raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
-        if "model" in tracker_kwargs:
-            raise ValueError("model is the Trainer's model; do not pass model=")
-        self.measure_dataloader = measure_dataloader
-        self.every_n_epochs = int(every_n_epochs)
-        self.shard_across_ranks = shard_across_ranks
-        self.tracker_kwargs = tracker_kwargs
-        self.tracker: Tracker | None = None
-        self.latest_metrics: dict[str, float] | None = None
-        self._logs: dict[str, float] = {}
-        self._measured_steps: set[int] = set()
-        self._nc0_steps: set[int] = set()
+    _MODEL_IS = "the Trainer's model"
+    _logs: dict[str, float]
 
     # -- Trainer events ----------------------------------------------------------------------
 
@@ -91,11 +72,12 @@ class NCTrackerCallback(TrainerCallback):
     ) -> None:
         if model is None:
             raise ValueError("the Trainer passed no model to on_train_begin")
-        tracker_kwargs = dict(self.tracker_kwargs)
-        tracker_kwargs.setdefault("run_dir", Path(args.output_dir or ".") / "ncserve")
-        metadata = tracker_kwargs.get("metadata") or {}
-        tracker_kwargs["metadata"] = {**_default_metadata(args, model, optimizer), **metadata}
-        self.tracker = Tracker(model, **tracker_kwargs)
+        self._logs = {}  # the Trainer's latest logged values, sent with each record
+        self._start_tracker(
+            model,
+            Path(args.output_dir or ".") / "ncserve",
+            _default_metadata(args, model, optimizer),
+        )
         self._measure(args, state, epoch=_epochs_done(state))
 
     def on_log(
@@ -129,27 +111,12 @@ class NCTrackerCallback(TrainerCallback):
     ) -> None:
         # The final weights, unless the last epoch's measurement already saw them.
         self._measure(args, state, epoch=_epochs_done(state))
-        if self.tracker is not None:
-            tracker, self.tracker = self.tracker, None
-            tracker.close()
+        self._close_tracker()
 
     # -- the work ----------------------------------------------------------------------------
 
     def _measure(self, args: TrainingArguments, state: TrainerState, epoch: int) -> None:
-        step = state.global_step
-        if self.tracker is None or step in self._measured_steps:
-            return
-        self._measured_steps.add(step)
-        batches = measurement_batches(
-            self.measure_dataloader,
-            args.device,
-            self.tracker.rank,
-            self.tracker.world_size,
-            self.shard_across_ranks,
-        )
-        metrics = self.tracker.measure(batches, step=step, epoch=epoch, scalars=self._logs)
-        if metrics is not None:
-            self.latest_metrics = metrics
+        self._measure_step(state.global_step, epoch, args.device, self._logs)
 
 
 def _epochs_done(state: TrainerState) -> int:

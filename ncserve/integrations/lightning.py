@@ -14,15 +14,14 @@ rounds with the service and the fallback when it is unreachable are the Tracker'
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ncserve.integrations.measurement import measurement_batches, service_scalars
-from ncserve.track import Tracker
+from ncserve.integrations.measurement import ScheduledTracking, service_scalars
 
 try:
     import lightning.pytorch as pl
@@ -36,7 +35,7 @@ except ImportError:
         ) from err
 
 
-class NCTrackerCallback(pl.Callback):
+class NCTrackerCallback(ScheduledTracking, pl.Callback):
     """Measure NC0-NC4 at fit start, every ``every_n_epochs`` epochs and at the end of fit.
 
     Every rank measures (a collective, like the Tracker's ``measure``); the metrics come
@@ -57,35 +56,17 @@ class NCTrackerCallback(pl.Callback):
             ``tensorboard``.
     """
 
-    def __init__(
-        self,
-        measure_dataloader: Iterable[Any],
-        every_n_epochs: int = 1,
-        shard_across_ranks: bool = True,
-        **tracker_kwargs: Any,
-    ) -> None:
-        if every_n_epochs < 1:
-            raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
-        if "model" in tracker_kwargs:
-            raise ValueError("model is the LightningModule being fit; do not pass model=")
-        self.measure_dataloader = measure_dataloader
-        self.every_n_epochs = int(every_n_epochs)
-        self.shard_across_ranks = shard_across_ranks
-        self.tracker_kwargs = tracker_kwargs
-        self.tracker: Tracker | None = None
-        self.latest_metrics: dict[str, float] | None = None
-        self._measured_steps: set[int] = set()
-        self._nc0_steps: set[int] = set()
+    _MODEL_IS = "the LightningModule being fit"
 
     # -- Lightning hooks ---------------------------------------------------------------------
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Here, not in __init__: the process group, the device and any FSDP wrapping exist.
-        kwargs = dict(self.tracker_kwargs)
-        kwargs.setdefault("run_dir", Path(trainer.default_root_dir) / "ncserve")
-        metadata = kwargs.get("metadata") or {}
-        kwargs["metadata"] = {**_default_metadata(trainer, pl_module), **metadata}
-        self.tracker = Tracker(_tracked_model(trainer, pl_module), **kwargs)
+        self._start_tracker(
+            _tracked_model(trainer, pl_module),
+            Path(trainer.default_root_dir) / "ncserve",
+            _default_metadata(trainer, pl_module),
+        )
         self._measure(trainer, pl_module, epoch=trainer.current_epoch)
 
     def on_train_batch_end(
@@ -114,7 +95,7 @@ class NCTrackerCallback(pl.Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # The final weights, unless the last epoch's measurement already saw them.
         self._measure(trainer, pl_module, epoch=trainer.current_epoch)
-        self._close()
+        self._close_tracker()
 
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
@@ -122,39 +103,23 @@ class NCTrackerCallback(pl.Callback):
         # close() ends with a barrier the other ranks may never reach; with several ranks
         # the client's exit handler keeps undelivered pushes in the spool instead.
         if trainer.world_size == 1:
-            self._close()
+            self._close_tracker()
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit" and trainer.world_size == 1:
-            self._close()
+            self._close_tracker()
 
     # -- the work ----------------------------------------------------------------------------
 
     def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> None:
         step = trainer.global_step
-        if self.tracker is None or step in self._measured_steps:
-            return
-        self._measured_steps.add(step)
-        batches = measurement_batches(
-            self.measure_dataloader,
-            pl_module.device,
-            self.tracker.rank,
-            self.tracker.world_size,
-            self.shard_across_ranks,
-        )
         scalars = service_scalars({**trainer.callback_metrics, **_lr(trainer)})
-        metrics = self.tracker.measure(batches, step=step, epoch=epoch, scalars=scalars)
+        metrics = self._measure_step(step, epoch, pl_module.device, scalars)
         if metrics is None:
             return
-        self.latest_metrics = metrics
         logged = {f"nc/{k}": v for k, v in metrics.items() if math.isfinite(v)}
         for logger in trainer.loggers:
             logger.log_metrics(logged, step=step)
-
-    def _close(self) -> None:
-        if self.tracker is not None:
-            tracker, self.tracker = self.tracker, None
-            tracker.close()
 
 
 def _tracked_model(trainer: pl.Trainer, pl_module: pl.LightningModule) -> nn.Module:

@@ -1,16 +1,19 @@
-"""What the framework callbacks share: feeding the measurement split to the Tracker and
-turning a framework's logged values into scalars the service accepts."""
+"""What the framework callbacks share: their schedule and Tracker, feeding the measurement
+split to it, and turning a framework's logged values into scalars the service accepts."""
 
 from __future__ import annotations
 
 import math
 import re
 from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from ncserve.service.aggregator import MAX_SCALARS, SCALAR_KEY_PATTERN
+from ncserve.track import Tracker
 
 _NOT_KEY_CHARS = re.compile(r"[^A-Za-z0-9._-]")
 
@@ -61,3 +64,63 @@ def service_scalars(values: Mapping[str, Any]) -> dict[str, float]:
         if len(out) == MAX_SCALARS:
             break
     return out
+
+
+class ScheduledTracking:
+    """The state and the work both framework callbacks share: the measurement split, how
+    often to measure, and the Tracker, which is made when training starts (the process
+    group, the device and any FSDP wrapping exist by then)."""
+
+    # What the measured model is, for the error when a caller passes model= as well.
+    _MODEL_IS = "the model being trained"
+
+    def __init__(
+        self,
+        measure_dataloader: Iterable[Any],
+        every_n_epochs: int = 1,
+        shard_across_ranks: bool = True,
+        **tracker_kwargs: Any,
+    ) -> None:
+        if every_n_epochs < 1:
+            raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
+        if "model" in tracker_kwargs:
+            raise ValueError(f"model is {self._MODEL_IS}; do not pass model=")
+        self.measure_dataloader = measure_dataloader
+        self.every_n_epochs = int(every_n_epochs)
+        self.shard_across_ranks = shard_across_ranks
+        self.tracker_kwargs = tracker_kwargs
+        self.tracker: Tracker | None = None
+        self.latest_metrics: dict[str, float] | None = None
+        self._measured_steps: set[int] = set()
+        self._nc0_steps: set[int] = set()
+
+    def _start_tracker(self, model: nn.Module, run_dir: Path, metadata: Mapping[str, str]) -> None:
+        """The Tracker, with ``run_dir`` and ``metadata`` as defaults under the caller's own."""
+        kwargs = dict(self.tracker_kwargs)
+        kwargs.setdefault("run_dir", run_dir)
+        kwargs["metadata"] = {**metadata, **(kwargs.get("metadata") or {})}
+        self.tracker = Tracker(model, **kwargs)
+
+    def _measure_step(
+        self, step: int, epoch: int, device: torch.device, scalars: Mapping[str, float]
+    ) -> dict[str, float] | None:
+        """Measure once per step (a collective: every rank calls it); the metrics on rank 0."""
+        if self.tracker is None or step in self._measured_steps:
+            return None
+        self._measured_steps.add(step)
+        batches = measurement_batches(
+            self.measure_dataloader,
+            device,
+            self.tracker.rank,
+            self.tracker.world_size,
+            self.shard_across_ranks,
+        )
+        metrics = self.tracker.measure(batches, step=step, epoch=epoch, scalars=scalars)
+        if metrics is not None:
+            self.latest_metrics = metrics
+        return metrics
+
+    def _close_tracker(self) -> None:
+        if self.tracker is not None:
+            tracker, self.tracker = self.tracker, None
+            tracker.close()
