@@ -26,17 +26,7 @@ import torch
 from torch.optim.lr_scheduler import CosineAnnealingLR, LambdaLR, LRScheduler, MultiStepLR
 from torch.optim.optimizer import ParamsT
 
-OPTIMIZER_NAMES: tuple[str, ...] = (
-    "sgd",
-    "sgdw",
-    "adam",
-    "adamw",
-    "signum",
-    "signumw",
-    "signgd",
-    "lion",
-)
-SCHEDULE_NAMES: tuple[str, ...] = ("constant", "step", "cosine")
+from ncserve.theory import OPTIMIZER_NAMES, SCHEDULE_NAMES
 
 # Optimizers whose weight decay never touches the gradient.
 _DECOUPLED = frozenset({"sgdw", "adamw", "signumw", "lion"})

@@ -47,6 +47,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
+# The optimizers of the study, in its order: each coupled one next to its decoupled twin.
+OPTIMIZER_NAMES: tuple[str, ...] = (
+    "sgd",
+    "sgdw",
+    "adam",
+    "adamw",
+    "signum",
+    "signumw",
+    "signgd",
+    "lion",
+)
 SCHEDULE_NAMES: tuple[str, ...] = ("constant", "step", "cosine")
 NC0_OPTIMIZERS: tuple[str, ...] = ("sgd", "sgdw")
 UFM_OPTIMIZERS: tuple[str, ...] = ("signgd-coupled", "signgd-decoupled")

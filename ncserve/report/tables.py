@@ -17,19 +17,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from ncserve.report.runs import RunRecord, nc0_prediction
+from ncserve.theory import OPTIMIZER_NAMES
 
 TABLE_METRICS: tuple[str, ...] = ("nc0", "nc1", "nc2", "nc3")
-# The study's order: each coupled optimizer next to its decoupled twin.
-OPTIMIZER_ORDER: tuple[str, ...] = (
-    "sgd",
-    "sgdw",
-    "adam",
-    "adamw",
-    "signum",
-    "signumw",
-    "signgd",
-    "lion",
-)
 
 
 @dataclass(frozen=True)
@@ -76,7 +66,8 @@ class HeatmapGrid:
 
 def label_sort_key(label: str) -> tuple[int, str]:
     base = label.split(" ")[0]
-    rank = OPTIMIZER_ORDER.index(base) if base in OPTIMIZER_ORDER else len(OPTIMIZER_ORDER)
+    # The study's order: each coupled optimizer next to its decoupled twin.
+    rank = OPTIMIZER_NAMES.index(base) if base in OPTIMIZER_NAMES else len(OPTIMIZER_NAMES)
     return rank, label
 
 
