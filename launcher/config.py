@@ -214,6 +214,16 @@ class TrackingConfig(_Section):
             raise ValueError("must be HOST:PORT")
         return value
 
+    def credentials(self) -> tuple[str | None, Any]:
+        """(bearer token, ncserve.client.TLSConfig or None) towards the service."""
+        from ncserve.client import TLSConfig
+
+        token = self.token_file.read_text().strip() if self.token_file else None
+        tls = None
+        if self.tls_ca or self.tls_cert:
+            tls = TLSConfig(ca_cert=self.tls_ca, client_cert=self.tls_cert, client_key=self.tls_key)
+        return token, tls
+
     @model_validator(mode="after")
     def _check_tls(self) -> TrackingConfig:
         if (self.tls_cert is None) != (self.tls_key is None):

@@ -37,6 +37,7 @@ from launcher.config import RunConfig, parse_nnodes
 from launcher.report import summary_table, write_report
 from launcher.rundir import RunDir
 from launcher.trainer import Runtime, run_worker
+from ncserve.protocol import RUN_FAILED
 
 log = logging.getLogger("nclaunch")
 
@@ -227,8 +228,10 @@ def run(config: RunConfig, console: Console | None = None) -> int:
             f"({escape(reason)}); logs in {escape(str(run_dir.logs_dir))}",
             highlight=False,
         )
+        _end_run(config, target, f"rank {rank} exited with status {failure.exitcode}: {reason}")
         return 1
     except (KeyboardInterrupt, SignalException) as err:
+        _end_run(config, target, f"interrupted ({err or 'Ctrl-C'}); resume with nclaunch --resume")
         console.print(
             f"[yellow]interrupted[/yellow] ({escape(str(err) or 'Ctrl-C')}); continue with: "
             f"nclaunch --resume --run-dir {escape(str(run_dir.root))}",
@@ -257,6 +260,33 @@ def run(config: RunConfig, console: Console | None = None) -> int:
         # A node other than the one hosting rank 0: the measurements are written there.
         console.print(f"finished in {elapsed:.1f} s (no measurements on this node)")
     return 0
+
+
+def _end_run(config: RunConfig, target: str | None, reason: str) -> None:
+    """Mark the run failed in its service (rank 0 does too when it can; both are idempotent).
+    A resumed run registers again and is running once more. When the service cannot be
+    reached the run ends as abandoned after the service's timeout instead."""
+    if target is None:
+        return
+    from ncserve.client import NCClient
+
+    token, tls = config.tracking.credentials()
+    try:
+        client = NCClient(
+            target,
+            token=token,
+            tls=tls,
+            deadline_s=min(config.tracking.deadline_s, 5.0),
+            replay_in_background=False,
+        )
+    except (OSError, ValueError) as err:
+        log.warning("could not mark run %s failed: %s", config.run_id, err)
+        return
+    with client:
+        if not client.finish_run(config.run_id, RUN_FAILED, reason):
+            report = client.flush(timeout_s=config.tracking.deadline_s)
+            if not report.complete:
+                log.warning("could not mark run %s failed: %s", config.run_id, report.summary())
 
 
 def _describe(config: RunConfig, plan: LaunchPlan) -> str:

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import time
 import warnings
 from collections.abc import Iterator
@@ -38,6 +39,7 @@ from launcher.models import build_model
 from launcher.report import TrainingProgress
 from launcher.rundir import RunDir
 from ncserve.metrics import METRIC_KEYS, nc0_from_weight
+from ncserve.protocol import RUN_FAILED
 from ncserve.track.sinks import CSVSink, TensorBoardSink
 
 if TYPE_CHECKING:
@@ -335,17 +337,9 @@ class Trainer:
                 self.tensorboard = TensorBoardSink(tracking.tensorboard)
         if not tracking.enabled:
             return
-        from ncserve.client import TLSConfig
         from ncserve.track import Tracker
 
-        token = tracking.token_file.read_text().strip() if tracking.token_file else None
-        tls = None
-        if tracking.tls_ca or tracking.tls_cert:
-            tls = TLSConfig(
-                ca_cert=tracking.tls_ca,
-                client_cert=tracking.tls_cert,
-                client_key=tracking.tls_key,
-            )
+        token, tls = tracking.credentials()
         metadata = {
             "optimizer": config.optim.name,
             "model": config.model.name,
@@ -671,6 +665,14 @@ class Trainer:
         """
         log.exception("rank %d failed at step %d", self.rank, self.step)
         if self.tracker is not None:
+            if self.rank == 0:
+                # Queued behind what the client still buffers, so the run's end comes last.
+                error = sys.exc_info()[1]
+                self.tracker.client.finish_run(
+                    self.tracker.run_id,
+                    RUN_FAILED,
+                    f"rank {self.rank} failed at step {self.step}: {error!r}",
+                )
             # Whatever the client still buffers goes to its spool for a later replay.
             self.tracker.client.close(timeout_s=2.0)
             self.tracker = None

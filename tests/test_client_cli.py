@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from ncserve.cli import cli
 
-CLIENT_COMMANDS = ("runs", "query", "watch", "push")
+CLIENT_COMMANDS = ("runs", "query", "watch", "push", "delete")
 CONNECTION_FLAGS = (
     "--target",
     "--token-file",

@@ -38,7 +38,7 @@ from pydantic import SecretStr
 from ncserve import wire
 from ncserve.cli import cli
 from ncserve.metrics import METRIC_KEYS, round1_stats
-from ncserve.service.aggregator import RUN_ID_PATTERN, SCALAR_KEY_PATTERN
+from ncserve.protocol import RUN_ID_PATTERN, SCALAR_KEY_PATTERN
 from ncserve.v1 import ncserve_pb2 as pb
 from ncserve.v1 import ncserve_pb2_grpc as pb_grpc
 from tests.reliability_support import SERVING, health_status, record_figure

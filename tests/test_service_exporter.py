@@ -30,13 +30,14 @@ PER_RUN = [
     "ncserve_cdnv", "ncserve_nc2_norm", "ncserve_nc2_angle", "ncserve_nc2", "ncserve_nc2w_norm",
     "ncserve_nc2w_angle", "ncserve_nc2w", "ncserve_nc2m", "ncserve_nc3", "ncserve_nc4_ratio",
     "ncserve_train_accuracy_ratio", "ncserve_train_loss", "ncserve_holdout_accuracy_ratio",
-    "ncserve_latest_step", "ncserve_latest_epoch",
+    "ncserve_latest_step", "ncserve_latest_epoch", "ncserve_accuracy_ratio", "ncserve_run_live",
+    "ncserve_run_last_activity_timestamp_seconds",
 ]  # fmt: skip
 SERVICE = [
     "ncserve_run_info", "ncserve_shards_received_total", "ncserve_shards_rejected_total",
     "ncserve_steps_finalized_total", "ncserve_steps_incomplete_total",
     "ncserve_finalize_duration_seconds", "ncserve_open_steps", "ncserve_runs",
-    "ncserve_received_bytes_total",
+    "ncserve_received_bytes_total", "ncserve_run_state",
 ]  # fmt: skip
 
 
@@ -94,8 +95,9 @@ def test_names_are_the_contract(scrape: str) -> None:
     # Every name is declared (HELP/TYPE) even before it has a sample (e.g. no held-out split).
     assert expected_families <= set(families), expected_families - set(families)
     extra = {f for f in families if f.startswith("ncserve_")} - expected_families
-    # prometheus_client adds a `<counter>_created` timestamp series; nothing else may appear.
-    assert {f for f in extra if not f.endswith("_created")} == set()
+    assert extra == set()
+    # No `_created` series: every counter is built by the collector.
+    assert "_created" not in scrape
     contracts = (REPO_ROOT / "docs" / "CONTRACTS.md").read_text()
     for name in PER_RUN + SERVICE:
         assert re.search(rf"`{name}(`|\{{)", contracts), f"{name} not in docs/CONTRACTS.md"
@@ -122,6 +124,11 @@ def test_values_follow_the_run(scrape: str) -> None:
     assert values[("ncserve_steps_incomplete_total", (("run_id", "run-1"),))] == 1
     assert values[("ncserve_shards_rejected_total", (("reason", "not_found"),))] == 1
     assert values[("ncserve_shards_received_total", (("round", "1"),))] == 3
-    assert values[("ncserve_runs", ())] == 1
+    assert values[("ncserve_runs", (("state", "running"),))] == 1
+    assert values[("ncserve_runs", (("state", "finished"),))] == 0
+    assert values[("ncserve_run_live", run)] == 1
+    assert values[("ncserve_run_state", (*run, ("state", "running")))] == 1
+    assert values[("ncserve_run_state", (*run, ("state", "finished")))] == 0
+    assert 0 <= values[("ncserve_accuracy_ratio", run)] <= 1
     info = [k for k in values if k[0] == "ncserve_run_info"]
     assert len(info) == 1 and ("weight_decay", "5e-4") in info[0][1]

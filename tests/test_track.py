@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 import pytest
@@ -224,3 +225,32 @@ def test_measuring_a_stored_step_again_returns_the_stored_measurement(tmp_path):
     assert [row["step"] for row in rows] == [7]
     for key in METRIC_KEYS:
         assert again[key] == pytest.approx(stored[key], rel=1e-12, abs=1e-15), key
+
+
+def test_close_finishes_the_run_and_an_exception_fails_it(tmp_path):
+    """Tracker.close() ends the run as finished; leaving its ``with`` block by an exception
+    ends it as failed, with the exception as the reason; heartbeats keep it alive."""
+    server = start_server(ServerConfig(listen="127.0.0.1:0", db_path=tmp_path / "db.sqlite"))
+    try:
+        target = f"127.0.0.1:{server.port}"
+        x, y = make_data()
+        net = Net()
+        with Tracker(net, target=target, run_id="ok", run_dir=tmp_path / "ok") as tracker:
+            tracker.measure(batches(x, y), step=0)
+        with (
+            pytest.raises(RuntimeError, match="diverged"),
+            Tracker(
+                net, target=target, run_id="boom", run_dir=tmp_path / "boom", heartbeat_s=0.05
+            ) as tracker,
+        ):
+            before = server.aggregator.run("boom").last_activity_unix
+            deadline = time.monotonic() + 10
+            while server.aggregator.run("boom").last_activity_unix == before:
+                assert time.monotonic() < deadline, "no heartbeat arrived"
+                time.sleep(0.02)
+            raise RuntimeError("loss diverged")
+        ok, boom = server.aggregator.run("ok"), server.aggregator.run("boom")
+        assert (ok.state, ok.state_reason) == ("finished", "")
+        assert boom.state == "failed" and boom.state_reason == "RuntimeError: loss diverged"
+    finally:
+        server.stop(0.5)

@@ -6,6 +6,7 @@ and no measurement step may be stored twice.
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,17 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, An
     run_dir = tmp_path_factory.mktemp("restart") / "straight"
     run_ok(*COMMON, "--epochs", str(EPOCHS), "--run-dir", str(run_dir))
     return metrics(run_dir)
+
+
+def _run_state(run_dir: Path) -> tuple[str, str]:
+    """The run's state and reason in the embedded service's store."""
+    (db,) = run_dir.glob("**/ncserve.db")
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        ((state, reason),) = conn.execute("SELECT state, state_reason FROM runs").fetchall()
+    finally:
+        conn.close()
+    return state, reason
 
 
 def _same_measurements(got: list[dict[str, Any]], want: list[dict[str, Any]]) -> None:
@@ -80,10 +92,15 @@ def test_failed_run_continues_with_resume(
     )  # fmt: skip
     assert failed.returncode == 1
     assert "training failed: rank 1" in failed.stdout
+    # The launcher saw the failure and said so to the service: the run's alerts stop.
+    state, reason = _run_state(run_dir)
+    assert state == "failed" and "rank 1 exited" in reason, (state, reason)
     # A second launch on the same directory must not clobber it by accident.
     again = nclaunch(*COMMON, "--run-dir", str(run_dir))
     assert again.returncode == 2 and "--resume" in again.stderr
     run_ok("--resume", "--run-dir", str(run_dir))
     assert "step 24 already measured" in (run_dir / "logs" / "rank0.log").read_text()
+    # Resumed, it ran again, and its end is its own: finished.
+    assert _run_state(run_dir) == ("finished", "")
     _same_measurements(metrics(run_dir), uninterrupted)
     assert_service_stored_rows_once(run_dir, world_size=2, scenario="worker kill -9, --resume")

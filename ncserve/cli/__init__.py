@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from ncserve import __version__
-from ncserve.cli.client_cmds import push, query, runs, watch
+from ncserve.cli.client_cmds import delete, push, query, runs, watch
 from ncserve.cli.compute import compute
 from ncserve.cli.replay import replay
 from ncserve.cli.report import report
@@ -27,7 +27,7 @@ cli.add_command(compute)
 cli.add_command(serve)
 cli.add_command(report)
 cli.add_command(theory_group)
-for _client_command in (runs, query, watch, push, replay):
+for _client_command in (runs, query, watch, push, replay, delete):
     cli.add_command(_client_command)
 
 

@@ -11,6 +11,7 @@ import functools
 import json
 import math
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,6 +25,7 @@ from ncserve.client import NCClient, ServiceError, TLSConfig
 from ncserve.errors import UserError
 from ncserve.features import FeaturesFileError, load_features
 from ncserve.metrics import METRIC_KEYS, MetricInputError, round1_stats, round2_stats
+from ncserve.protocol import RUN_STATES
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -237,43 +239,74 @@ FORMAT_OPTION = click.option(
 
 
 @click.command("runs")
+@click.option(
+    "--state",
+    "states",
+    type=click.Choice(RUN_STATES),
+    multiple=True,
+    help="Only runs in this state (repeat for several): running, finished, failed, or "
+    "abandoned (nothing arrived for the server's --abandon-after).",
+)
 @FORMAT_OPTION
 @client_options
 @_command
-def runs(opts: dict[str, Any], fmt: str) -> None:
-    """List the runs the service holds, oldest first."""
+def runs(opts: dict[str, Any], states: tuple[str, ...], fmt: str) -> None:
+    """List the runs the service holds, oldest first, with where each is in its life."""
     with connected(opts) as client:
-        found = client.list_runs()
+        found = client.list_runs(states)
     if fmt == "json":
         click.echo(json.dumps(found))
         return
     if not found:
-        click.echo("no runs")
+        click.echo("no runs" + (f" in state {', '.join(states)}" if states else ""))
         return
-    header = [
-        "run_id",
-        "K",
-        "P",
-        "world_size",
-        "measurements",
-        "incomplete",
-        "latest_step",
-        "optimizer",
-    ]
+    now = time.time()
+    header = ["run_id", "state", "optimizer", "K", "P", "world_size", "measurements",
+              "incomplete", "first_step", "latest_step", "last_activity"]  # fmt: skip
     rows = [
         [
             r["run_id"],
+            r["state"],
+            r["metadata"].get("optimizer"),
             r["num_classes"],
             r["feature_dim"],
             r["world_size"],
             r["num_measurements"],
             r["num_incomplete"],
+            r["first_step"],
             r["latest_step"],
-            r["metadata"].get("optimizer"),
+            _ago(now - r["last_activity_unix"]),
         ]
         for r in found
     ]
     click.echo(_table(header, rows))
+
+
+def _ago(seconds: float) -> str:
+    """How long ago, in the largest unit that keeps it short."""
+    seconds = max(0.0, seconds)
+    for unit, scale in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= scale:
+            return f"{seconds / scale:.0f}{unit} ago"
+    return f"{seconds:.0f}s ago"
+
+
+@click.command("delete")
+@click.argument("run_id", metavar="RUN")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@client_options
+@_command
+def delete(opts: dict[str, Any], run_id: str, yes: bool) -> None:
+    """Delete RUN and everything stored of it: measurements, scalars, open steps, and its
+    Prometheus series. Needs the same token as every write."""
+    if not yes and not click.confirm(f"delete run {run_id!r} and all its data?", default=False):
+        raise UserError("not deleted")
+    with connected(opts) as client:
+        removed = client.delete_run(run_id)
+    click.echo(
+        f"deleted run {run_id!r}: {removed['num_measurements']} measurements, "
+        f"{removed['num_scalar_steps']} steps of scalars"
+    )
 
 
 @click.command("query")

@@ -18,6 +18,42 @@ from threadpoolctl import threadpool_limits
 from ncserve.errors import UserError
 
 _FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
+_DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+class Duration(click.ParamType):
+    """Seconds, or a number with a unit: 90, 45s, 30m, 2h, 7d."""
+
+    name = "DURATION"
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None):
+        if isinstance(value, int | float):
+            return float(value)
+        text = str(value).strip()
+        scale = _DURATION_UNITS.get(text[-1:])
+        number = text[:-1] if scale is not None else text
+        try:
+            seconds = float(number) * (scale or 1.0)
+        except ValueError:
+            self.fail(f"{value!r} is not a duration (e.g. 90, 45s, 30m, 2h, 7d)", param, ctx)
+        if not seconds > 0:
+            self.fail(f"{value!r} must be longer than 0", param, ctx)
+        return seconds
+
+
+def _default(field: str) -> float:
+    """A ServerConfig field's default: the one definition of each setting."""
+    from ncserve.service.server import ServerConfig
+
+    return float(ServerConfig.model_fields[field].default)
+
+
+def _shown(seconds: float) -> str:
+    """A duration as --help shows it (the largest unit that divides it)."""
+    for unit, scale in sorted(_DURATION_UNITS.items(), key=lambda item: -item[1]):
+        if seconds % scale == 0:
+            return f"{seconds / scale:g}{unit}"
+    return f"{seconds:g}s"
 
 
 def _read_token(path: Path) -> SecretStr:
@@ -121,6 +157,32 @@ def _write_port_file(path: Path, port: int) -> None:
     help="Seconds to drain in-flight calls on SIGTERM before exiting.",
 )
 @click.option(
+    "--abandon-after",
+    "abandon_after_s",
+    type=Duration(),
+    default=_default("abandon_after_s"),
+    show_default=_shown(_default("abandon_after_s")),
+    help="A running run that sends no shard, scalars or heartbeat for this long is marked "
+    "abandoned (its alerts resolve); it becomes running again if it speaks.",
+)
+@click.option(
+    "--retention",
+    "retention_s",
+    type=Duration(),
+    default=None,
+    help="Delete runs (data and series) this long after they finished, failed or were "
+    "abandoned, e.g. 30d. Default: keep every run.",
+)
+@click.option(
+    "--series-grace",
+    "series_grace_s",
+    type=Duration(),
+    default=_default("series_grace_s"),
+    show_default=_shown(_default("series_grace_s")),
+    help="How long an ended run's series stay on /metrics (dashboards show its last "
+    "values) before they leave.",
+)
+@click.option(
     "--max-workers",
     type=click.IntRange(min=4),
     default=256,
@@ -190,6 +252,9 @@ def serve(
     client_ca: Path | None,
     step_deadline_s: float,
     grace_s: float,
+    abandon_after_s: float,
+    retention_s: float | None,
+    series_grace_s: float,
     max_workers: int,
     max_runs: int,
     max_open_steps: int,
@@ -227,6 +292,9 @@ def serve(
             client_ca=client_ca,
             step_deadline_s=step_deadline_s,
             grace_s=grace_s,
+            abandon_after_s=abandon_after_s,
+            retention_s=retention_s,
+            series_grace_s=series_grace_s,
             max_workers=max_workers,
             max_runs=max_runs,
             max_open_steps=max_open_steps,

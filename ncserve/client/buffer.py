@@ -35,8 +35,12 @@ KIND_REGISTER = "register_run"
 KIND_ROUND1 = "round1"
 KIND_ROUND2 = "round2"
 KIND_SCALARS = "scalars"
+KIND_FINISH = "finish_run"
 KIND_UNKNOWN = "unknown"  # only for a damaged spool file whose header cannot be read
-KINDS = (KIND_REGISTER, KIND_ROUND1, KIND_ROUND2, KIND_SCALARS, KIND_UNKNOWN)
+KINDS = (KIND_REGISTER, KIND_ROUND1, KIND_ROUND2, KIND_SCALARS, KIND_FINISH, KIND_UNKNOWN)
+# Tiny calls that every later one (registration) or the run's life (its end) depends on:
+# a full buffer never drops them.
+ALWAYS_KEPT = (KIND_REGISTER, KIND_FINISH)
 
 _MAGIC = b"NCSPOOL1"
 _HEADER_LEN = struct.Struct("<I")
@@ -256,8 +260,7 @@ class DurableBuffer:
                 reason = None
                 if key.kind in (KIND_ROUND1, KIND_ROUND2) and shard in self._orphaned:
                     reason = "an earlier round of this (run, step, rank) was dropped"
-                elif key.kind != KIND_REGISTER and self._total_bytes + nbytes > self.max_bytes:
-                    # Registrations are tiny and every later push needs them: always kept.
+                elif key.kind not in ALWAYS_KEPT and self._total_bytes + nbytes > self.max_bytes:
                     reason = (
                         f"buffer full: {self._total_bytes} of {self.max_bytes} bytes in use, "
                         f"entry needs {nbytes}"

@@ -19,7 +19,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -28,6 +28,7 @@ import grpc
 import numpy as np
 
 from ncserve.client.buffer import (
+    KIND_FINISH,
     KIND_REGISTER,
     KIND_ROUND1,
     KIND_ROUND2,
@@ -39,6 +40,14 @@ from ncserve.client.buffer import (
 from ncserve.client.payload import decode_payload, encode_payload
 from ncserve.client.retry import TRANSIENT_CODES, RetryPolicy, is_transient, status_code
 from ncserve.metrics import METRIC_KEYS, ClassMeans, MetricInputError, Round1Stats, Round2Stats
+from ncserve.protocol import (
+    HOLDOUT_PREFIX,
+    MAX_REASON_CHARS,
+    RUN_END_STATES,
+    RUN_FINISHED,
+    RUN_STATE_NAMES,
+    RUN_STATE_VALUES,
+)
 from ncserve.v1 import ncserve_pb2 as pb
 from ncserve.v1 import ncserve_pb2_grpc as pb_grpc
 from ncserve.wire import WireError, decode_arrays, encode_arrays, payload_nbytes
@@ -46,8 +55,6 @@ from ncserve.wire import WireError, decode_arrays, encode_arrays, payload_nbytes
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-HOLDOUT_PREFIX = "holdout."
 
 # Responses can hold many measurements (``GetMetrics`` of a long run) and class means are
 # streamed in <= 1 MiB chunks, so 64 MiB is generous without being unbounded.
@@ -390,6 +397,31 @@ class NCClient:
         meta = {"values": {str(k): float(v) for k, v in values.items()}, "epoch": epoch}
         return self._submit(_Call(BufferKey(KIND_SCALARS, run_id, int(step)), meta))
 
+    def finish_run(self, run_id: str, state: str = RUN_FINISHED, reason: str = "") -> bool:
+        """End the run (``finished`` or ``failed``), after everything queued before it.
+
+        False: buffered, delivered (in order) when the service answers again or by
+        ``ncserve replay``. A run never ended is marked abandoned by the service after its
+        abandon timeout instead.
+        """
+        if state not in RUN_END_STATES:
+            raise ValueError(f"state must be one of {RUN_END_STATES}, got {state!r}")
+        meta = {"state": state, "reason": str(reason)[:MAX_REASON_CHARS]}
+        return self._submit(_Call(BufferKey(KIND_FINISH, run_id), meta))
+
+    def heartbeat(self, run_id: str) -> bool:
+        """Tell the service the run is alive. Not buffered (a late heartbeat says nothing);
+        False when the service did not answer within the deadline."""
+        self._check_open()
+        try:
+            self._stub.Heartbeat(
+                pb.HeartbeatRequest(run_id=run_id), timeout=self.deadline_s, metadata=self._metadata
+            )
+        except grpc.RpcError as error:
+            log.debug("heartbeat of run %r not delivered: %s", run_id, _details(error))
+            return False
+        return True
+
     def fetch_class_means(
         self, run_id: str, step: int, timeout_s: float, *, rank: int = 0
     ) -> ClassMeans | None:
@@ -436,9 +468,26 @@ class NCClient:
 
     # -- queries (raise ServiceError; nothing to buffer) ----------------------------------
 
-    def list_runs(self) -> list[dict[str, Any]]:
-        reply = self._query("ListRuns", self._stub.ListRuns, pb.ListRunsRequest())
-        return [run_to_dict(run) for run in reply.runs]
+    def list_runs(self, states: Iterable[str] = (), *, page_size: int = 0) -> list[dict[str, Any]]:
+        """Every run (oldest first), or those in ``states``, reading page after page."""
+        wanted = [RUN_STATE_VALUES[state] for state in states]
+        runs: list[dict[str, Any]] = []
+        token = ""
+        while True:
+            request = pb.ListRunsRequest(page_size=page_size, page_token=token, states=wanted)
+            reply = self._query("ListRuns", self._stub.ListRuns, request)
+            runs.extend(run_to_dict(run) for run in reply.runs)
+            token = reply.next_page_token
+            if not token:
+                return runs
+
+    def delete_run(self, run_id: str) -> dict[str, int]:
+        """Remove a run and everything the service stored of it."""
+        reply = self._query("DeleteRun", self._stub.DeleteRun, pb.DeleteRunRequest(run_id=run_id))
+        return {
+            "num_measurements": reply.num_measurements,
+            "num_scalar_steps": reply.num_scalar_steps,
+        }
 
     def get_run(self, run_id: str) -> dict[str, Any]:
         reply = self._query("GetRun", self._stub.GetRun, pb.GetRunRequest(run_id=run_id))
@@ -653,6 +702,17 @@ class NCClient:
                 deadline,
                 stop=self._stop,
             )
+        elif kind == KIND_FINISH:
+            finish_request = pb.FinishRunRequest(
+                run_id=call.key.run_id,
+                state=RUN_STATE_VALUES[call.meta["state"]],
+                reason=call.meta["reason"],
+            )
+            self._retry.call(
+                lambda t: self._stub.FinishRun(finish_request, timeout=t, metadata=self._metadata),
+                deadline,
+                stop=self._stop,
+            )
         elif kind == KIND_SCALARS:
             scalars_request = pb.RecordScalarsRequest(
                 run_id=call.key.run_id, step=call.key.step, values=call.meta["values"]
@@ -823,6 +883,7 @@ class NCClient:
 
 _METHODS = {
     KIND_REGISTER: "RegisterRun",
+    KIND_FINISH: "FinishRun",
     KIND_ROUND1: "PushRound1",
     KIND_ROUND2: "PushRound2",
     KIND_SCALARS: "RecordScalars",
@@ -857,7 +918,12 @@ def run_to_dict(run: pb.RunInfo) -> dict[str, Any]:
         "num_measurements": run.num_measurements,
         "num_incomplete": run.num_incomplete,
         "latest_step": run.latest_step if run.HasField("latest_step") else None,
+        "first_step": run.first_step if run.HasField("first_step") else None,
         "num_open_steps": run.num_open_steps,
+        "state": RUN_STATE_NAMES.get(run.state, "unknown"),
+        "state_reason": run.state_reason,
+        "ended_unix": run.ended_unix if run.HasField("ended_unix") else None,
+        "last_activity_unix": run.last_activity_unix,
     }
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ncserve.service.aggregator import MAX_SCALARS, SCALAR_KEY_PATTERN
+from ncserve.protocol import MAX_SCALARS, SCALAR_KEY_PATTERN
 from ncserve.track import Tracker
 
 _NOT_KEY_CHARS = re.compile(r"[^A-Za-z0-9._-]")

@@ -19,9 +19,9 @@ servicer maps them to status codes.
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
-import re
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -42,6 +42,16 @@ from ncserve.metrics import (
     prepare_finalize,
 )
 from ncserve.metrics.stats import all_finite
+from ncserve.protocol import (
+    CLASSIFIER_NAMES,
+    HOLDOUT_PREFIX,
+    MAX_SCALARS,
+    ROUND1_NAMES,
+    ROUND2_NAMES,
+    ROUND_1,
+    ROUND_2,
+    SCALAR_KEY_PATTERN,
+)
 from ncserve.service.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -52,6 +62,7 @@ from ncserve.service.errors import (
     Unavailable,
 )
 from ncserve.service.exporter import ServiceMetrics
+from ncserve.service.runs import AggregatorLimits, RunRegistry
 from ncserve.service.store import (
     MeasurementRecord,
     RunCounts,
@@ -63,34 +74,10 @@ from ncserve.service.store import (
 
 log = logging.getLogger(__name__)
 
-ROUND_1 = 1
-ROUND_2 = 2
-ROUND1_NAMES = ("counts", "sums")
-CLASSIFIER_NAMES = ("weight", "bias")
-ROUND2_NAMES = ("num_samples", "scatter", "sq_resid", "ncc_agree", "correct")
-HOLDOUT_PREFIX = "holdout."
-
-RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/=+@-]{0,199}")
-SCALAR_KEY_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
-MAX_METADATA_ENTRIES = 64
-MAX_METADATA_KEY = 64
-MAX_METADATA_VALUE = 1024
-MAX_SCALARS = 256
-
 
 class DeadlineExceeded(ServiceError):
     status = "DEADLINE_EXCEEDED"
     reason = "failed_precondition"
-
-
-@dataclass(frozen=True)
-class AggregatorLimits:
-    """Bounds on what clients can make the server hold."""
-
-    max_runs: int = 1000
-    max_open_steps: int = 256
-    max_world_size: int = 200
-    step_deadline_s: float = 900.0
 
 
 @dataclass(frozen=True)
@@ -242,6 +229,7 @@ class Aggregator:
         metrics: ServiceMetrics,
         limits: AggregatorLimits | None = None,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self._store = store
         self._metrics = metrics
@@ -251,7 +239,7 @@ class Aggregator:
         # Notified on every change waiters care about: round 1 complete, step closed, shutdown.
         self._changed = threading.Condition(self._lock)
         self._event_seq = 0
-        self._runs: dict[str, RunRecord] = {}
+        self.runs = RunRegistry(store, self.limits, wall_clock)
         self._open: dict[tuple[str, int], _OpenStep] = {}
         self._shutting_down = False
         # Everything of a finalize that needs only round 1 runs here while round 2 arrives,
@@ -262,18 +250,9 @@ class Aggregator:
     # -- startup -----------------------------------------------------------------------------
 
     def _restore(self) -> None:
-        for run in self._store.runs():
-            self._runs[run.run_id] = run
-            self._metrics.run_registered(run)
-            latest = self._store.latest_measurement(run.run_id)
-            if latest is not None:
-                self._metrics.measurement_restored(run, latest)
-            restored = self._store.latest_scalars(run.run_id, ServiceMetrics.SCALAR_GAUGE_KEYS)
-            for key, (step, value) in restored.items():
-                self._metrics.scalars_recorded(run, step, {key: value})
         now = self._clock()
         for record in self._store.open_steps():
-            run = self._runs[record.run_id]
+            run = self.runs.get(record.run_id)
             K, P = run.num_classes, run.feature_dim
             # The step deadline restarts with the server so clients get time to retry.
             state = _OpenStep(run, record.step, time.time(), now, epoch=record.epoch)
@@ -297,8 +276,7 @@ class Aggregator:
                     continue
                 self._start_prepare(state)
             self._open[(run.run_id, record.step)] = state
-        self._metrics.set_open_steps(len(self._open))
-        log.info("restored %d runs and %d open steps", len(self._runs), len(self._open))
+        log.info("restored %d runs and %d open steps", len(self.runs.all()), len(self._open))
 
     # -- runs --------------------------------------------------------------------------------
 
@@ -310,103 +288,70 @@ class Aggregator:
         world_size: int,
         metadata: Mapping[str, str],
     ) -> tuple[bool, RunRecord]:
-        self._check_run_id(run_id)
-        if num_classes < 2:
-            raise InvalidArgument(f"num_classes must be >= 2, got {num_classes}")
-        if feature_dim < 1:
-            raise InvalidArgument(f"feature_dim must be >= 1, got {feature_dim}")
-        if world_size < 1:
-            raise InvalidArgument(f"world_size must be >= 1, got {world_size}")
-        if world_size > self.limits.max_world_size:
-            raise ResourceExhausted(
-                f"world_size={world_size} exceeds this server's limit of "
-                f"{self.limits.max_world_size} ranks per run (each waiting rank holds a "
-                "worker thread; raise --max-workers)"
-            )
-        self._check_metadata(metadata)
-        with self._lock:
-            existing = self._runs.get(run_id)
-            if existing is not None:
-                got = (num_classes, feature_dim, world_size)
-                have = (existing.num_classes, existing.feature_dim, existing.world_size)
-                if got != have:
-                    raise AlreadyExists(
-                        f"run {run_id!r} exists with num_classes={have[0]}, feature_dim="
-                        f"{have[1]}, world_size={have[2]}; got num_classes={got[0]}, "
-                        f"feature_dim={got[1]}, world_size={got[2]}"
-                    )
-                added = {k: v for k, v in metadata.items() if k not in existing.metadata}
-                if not added:
-                    return False, existing
-                merged = {**existing.metadata, **added}
-                self._store.update_run_metadata(run_id, merged)
-                updated = RunRecord(
-                    run_id,
-                    existing.num_classes,
-                    existing.feature_dim,
-                    existing.world_size,
-                    merged,
-                    existing.created_unix,
-                )
-                self._runs[run_id] = updated
-                self._metrics.run_registered(updated)
-                return False, updated
-            if len(self._runs) >= self.limits.max_runs:
-                raise ResourceExhausted(
-                    f"cannot register run {run_id!r}: this server holds its limit of "
-                    f"{self.limits.max_runs} runs (--max-runs)"
-                )
-            run = RunRecord(
-                run_id, num_classes, feature_dim, world_size, dict(metadata), time.time()
-            )
-            self._store.insert_run(run)
-            self._runs[run_id] = run
-        self._metrics.run_registered(run)
-        self._metrics.set_runs(len(self._runs))
-        return True, run
-
-    @staticmethod
-    def _check_run_id(run_id: str) -> None:
-        if not RUN_ID_PATTERN.fullmatch(run_id):
-            raise InvalidArgument(
-                f"run_id={run_id!r} is not valid: 1-200 characters of [A-Za-z0-9._:/=+@-] "
-                "starting with a letter or digit"
-            )
-
-    @staticmethod
-    def _check_metadata(metadata: Mapping[str, str]) -> None:
-        if len(metadata) > MAX_METADATA_ENTRIES:
-            raise InvalidArgument(
-                f"metadata has {len(metadata)} entries; at most {MAX_METADATA_ENTRIES} allowed"
-            )
-        for key, value in metadata.items():
-            if not 1 <= len(key) <= MAX_METADATA_KEY:
-                raise InvalidArgument(
-                    f"metadata key {key!r} must have 1-{MAX_METADATA_KEY} characters"
-                )
-            if len(value) > MAX_METADATA_VALUE:
-                raise InvalidArgument(
-                    f"metadata[{key!r}] has {len(value)} characters; at most "
-                    f"{MAX_METADATA_VALUE} allowed"
-                )
+        return self.runs.register(run_id, num_classes, feature_dim, world_size, metadata)
 
     def run(self, run_id: str) -> RunRecord:
+        return self.runs.get(run_id)
+
+    def _views(self, runs: list[RunRecord]) -> list[RunView]:
+        counts = self._store.run_counts([r.run_id for r in runs])
         with self._lock:
-            run = self._runs.get(run_id)
-        if run is None:
-            raise NotFound(f"unknown run_id={run_id!r}: register it with RegisterRun first")
-        return run
+            open_steps = collections.Counter(key[0] for key in self._open)
+        return [RunView(r, counts[r.run_id], open_steps[r.run_id]) for r in runs]
 
     def run_view(self, run_id: str) -> RunView:
-        run = self.run(run_id)
-        with self._lock:
-            open_steps = sum(1 for key in self._open if key[0] == run_id)
-        return RunView(run, self._store.run_counts(run_id), open_steps)
+        return self._views([self.runs.get(run_id)])[0]
 
     def list_runs(self) -> list[RunView]:
+        return self._views(self.runs.all())
+
+    def list_runs_page(
+        self, page_size: int, page_token: str, states: list[str]
+    ) -> tuple[list[RunView], bool]:
+        """A page of runs (oldest first) and whether more follow (see RunRegistry.page)."""
+        runs, more = self.runs.page(page_size, page_token, states)
+        return self._views(runs), more
+
+    def open_step_count(self) -> int:
         with self._lock:
-            runs = sorted(self._runs.values(), key=lambda r: (r.created_unix, r.run_id))
-        return [self.run_view(r.run_id) for r in runs]
+            return len(self._open)
+
+    # -- the life of a run -------------------------------------------------------------------
+
+    def finish_run(self, run_id: str, state: str, reason: str) -> RunView:
+        self.runs.finish(run_id, state, reason)
+        return self.run_view(run_id)
+
+    def heartbeat(self, run_id: str) -> RunRecord:
+        return self.runs.touch(run_id, store=True)
+
+    def delete_run(self, run_id: str) -> tuple[int, int]:
+        """Remove a run, its open steps and everything stored of it."""
+        self.runs.get(run_id)
+        with self._lock:
+            states = [s for key, s in self._open.items() if key[0] == run_id]
+        for state in states:
+            with state.lock:
+                state.closed = True
+            with self._lock:
+                self._open.pop((run_id, state.step), None)
+                self._bump()
+        return self.runs.remove(run_id)
+
+    def maintain(self) -> int:
+        """One reaper pass: steps past their deadline become incomplete, run activity is
+        saved, silent runs are abandoned and ended runs past retention deleted. Returns the
+        number of steps expired."""
+        expired = self.expire_overdue()
+        _, past_retention = self.runs.sweep()
+        for run_id in past_retention:
+            try:
+                self.delete_run(run_id)
+            except NotFound:
+                continue  # deleted meanwhile
+            log.info("run %r deleted: ended more than %gs ago (--retention)", run_id,
+                     self.limits.retention_s)  # fmt: skip
+        return expired
 
     # -- pushes ------------------------------------------------------------------------------
 
@@ -498,6 +443,7 @@ class Aggregator:
             if item.error is not None:
                 raise item.error
             assert item.result is not None
+            self.runs.touch(run.run_id)
             return item.result
         raise Unavailable(f"step {push.step} of run {run.run_id!r} is changing state; retry")
 
@@ -679,7 +625,6 @@ class Aggregator:
                     )
                 state = _OpenStep(run, shard.step, time.time(), self._clock())
                 self._open[key] = state
-                self._metrics.set_open_steps(len(self._open))
             return state, None
 
     def _start_prepare(self, state: _OpenStep) -> None:
@@ -863,7 +808,8 @@ class Aggregator:
         )
         self._metrics.observe_finalize(time.perf_counter() - started)
         self._close(state)
-        self._metrics.measurement_finalized(run, record)
+        self.runs.changed()
+        log.debug("step %d of run %r finalized (row %d)", state.step, run.run_id, record.id)
         return True
 
     def _close_incomplete(self, state: _OpenStep, reason: str) -> MeasurementRecord | None:
@@ -877,7 +823,7 @@ class Aggregator:
             return None
         log.warning("step %d of run %r incomplete: %s", state.step, state.run.run_id, reason)
         self._close(state)
-        self._metrics.step_incomplete(state.run)
+        self.runs.changed()
         return record
 
     def _close(self, state: _OpenStep) -> None:
@@ -885,7 +831,6 @@ class Aggregator:
         state.closed = True
         with self._lock:
             self._open.pop((state.run.run_id, state.step), None)
-            self._metrics.set_open_steps(len(self._open))
             self._bump()
 
     def _bump(self) -> None:
@@ -1065,7 +1010,8 @@ class Aggregator:
             if not math.isfinite(value):
                 raise InvalidArgument(f"values[{key!r}]={value} is not finite")
         self._store.record_scalars(run_id, step, epoch, values)
-        self._metrics.scalars_recorded(run, step, values)
+        self.runs.touch(run.run_id)
+        self.runs.changed()
         return len(values)
 
     def scalars(

@@ -1,23 +1,48 @@
 """Prometheus exporter of the service, on its own registry (never the process-global one).
 
 Names are the contract of docs/CONTRACTS.md (deploy/ rules and dashboards use them).
-Labels stay low-cardinality: run id and optimizer on per-run series, never step,
-rank or class.
+
+Per-run series are built at scrape time by a custom collector from the source of truth: the
+run registry (state, metadata) and the store (latest measurement, latest scalars, step
+counts). Nothing per run is kept in step with it, so a run's series follow its life: they
+say whether it is live (``ncserve_run_live``), and once it ended they stay for a grace
+period (so dashboards show the last values) and then leave /metrics, and a restart does
+not bring them back. Reads are cached until something changes (a measurement, scalars, a
+state), so a scrape of an idle service touches no database.
+
+Labels stay low-cardinality: run id and optimizer on per-run series, never step, rank or
+class; run metadata becomes labels only from a short allow-list, each value capped. No
+``_created`` series: every counter is built here.
 """
 
 from __future__ import annotations
 
-import contextlib
+import bisect
 import math
 import socket
 import threading
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from socketserver import ThreadingMixIn
+from typing import TYPE_CHECKING
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
 
-from ncserve.service.store import MeasurementRecord, RunRecord
+from ncserve.protocol import RUN_STATES
+from ncserve.service.store import MeasurementRecord, RunCounts, RunRecord
+
+if TYPE_CHECKING:
+    from ncserve.service.runs import RunRegistry
+    from ncserve.service.store import Store
 
 REJECTION_REASONS = (
     "invalid_argument",
@@ -44,10 +69,16 @@ _NC_GAUGES: dict[str, tuple[str, str]] = {
     "nc2m": ("Distance of the normalized W M to the simplex ETF", "nc2m"),
     "nc3": ("NC3: distance between normalized W and normalized M^T (self-duality)", "nc3"),
     "nc4_ratio": ("NC4: agreement of the classifier with the nearest class center", "nc4"),
+    "accuracy_ratio": (
+        "Classifier accuracy on the measurement split (a balanced subset of the training "
+        "set) at the latest measurement",
+        "accuracy",
+    ),
     "holdout_accuracy_ratio": ("Classifier accuracy on the held-out split", "holdout_accuracy"),
 }
 
-# RecordScalars keys that also move a per-run gauge (when their step is the newest seen).
+# RecordScalars keys that also move a per-run gauge when their step is newer than the
+# latest measurement's.
 _SCALAR_GAUGES = {
     "nc0": "nc0",
     "nc0_normalized": "nc0_normalized",
@@ -56,161 +87,250 @@ _SCALAR_GAUGES = {
     "train_acc": "train_accuracy_ratio",
 }
 
-_RUN_INFO_LABELS = (
-    "run_id",
-    "optimizer",
-    "model",
-    "dataset",
-    "engine",
-    "lr",
-    "weight_decay",
-    "momentum",
-    "world_size",
-)
+_OTHER_RUN_GAUGES: dict[str, str] = {
+    "train_accuracy_ratio": "Training accuracy at the latest step (reported by the trainer)",
+    "train_loss": "Training loss at the latest step",
+    "latest_step": "Step of the latest finalized measurement",
+    "latest_epoch": "Epoch of the latest finalized measurement",
+}
+
+# Metadata keys that become labels of ncserve_run_info, and the longest label value.
+RUN_INFO_KEYS = ("optimizer", "model", "dataset", "engine", "lr", "weight_decay", "momentum")
+MAX_LABEL_CHARS = 64
+
+_FINALIZE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+
+DEFAULT_SERIES_GRACE_S = 600.0
+
+
+def label_value(value: str) -> str:
+    """A metadata value as a label: at most MAX_LABEL_CHARS characters."""
+    return value if len(value) <= MAX_LABEL_CHARS else value[: MAX_LABEL_CHARS - 1] + "…"
+
+
+@dataclass(frozen=True)
+class _RunSnapshot:
+    run: RunRecord
+    latest: MeasurementRecord | None
+    scalars: Mapping[str, tuple[int, float]]
+    counts: RunCounts
+
+
+# What a scrape reads from the store: latest measurements, latest scalars, step counts.
+_StoreReads = tuple[
+    dict[str, MeasurementRecord], dict[str, dict[str, tuple[int, float]]], dict[str, RunCounts]
+]
+
+
+class _ServiceCounters:
+    """The service-level counters and the finalize histogram (thread-safe)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.received = {"1": 0, "2": 0}
+        self.rejected = dict.fromkeys(REJECTION_REASONS, 0)
+        self.received_bytes = 0
+        self.finalize_buckets = [0] * (len(_FINALIZE_BUCKETS) + 1)
+        self.finalize_sum = 0.0
 
 
 class ServiceMetrics:
-    """Every series the service exports, and the updates the aggregator makes to them."""
+    """Every series the service exports. Service counters are updated by the servicer and
+    the aggregator; per-run series are read from ``attach``-ed sources at scrape time."""
 
-    SCALAR_GAUGE_KEYS = tuple(_SCALAR_GAUGES)
-
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self,
+        registry: CollectorRegistry | None = None,
+        series_grace_s: float = DEFAULT_SERIES_GRACE_S,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
-        reg = self.registry
-        run_labels = ("run_id", "optimizer")
-        self._per_run: dict[str, Gauge] = {
-            suffix: Gauge(f"ncserve_{suffix}", f"{text} (latest measurement)", run_labels,
-                          registry=reg)
-            for suffix, (text, _) in _NC_GAUGES.items()
-        }  # fmt: skip
-        self._per_run["train_accuracy_ratio"] = Gauge(
-            "ncserve_train_accuracy_ratio", "Training accuracy at the latest step", run_labels,
-            registry=reg,
-        )  # fmt: skip
-        self._per_run["train_loss"] = Gauge(
-            "ncserve_train_loss", "Training loss at the latest step", run_labels, registry=reg
-        )
-        self._per_run["latest_step"] = Gauge(
-            "ncserve_latest_step", "Step of the latest finalized measurement", run_labels,
-            registry=reg,
-        )  # fmt: skip
-        self._per_run["latest_epoch"] = Gauge(
-            "ncserve_latest_epoch", "Epoch of the latest finalized measurement", run_labels,
-            registry=reg,
-        )  # fmt: skip
-        self._run_info = Gauge(
-            "ncserve_run_info", "Run metadata (value is always 1)", _RUN_INFO_LABELS, registry=reg
-        )
-        self._shards_received = Counter(
-            "ncserve_shards_received", "Shards accepted, by round", ("round",), registry=reg
-        )
-        self._shards_rejected = Counter(
-            "ncserve_shards_rejected", "Shard pushes rejected, by reason", ("reason",),
-            registry=reg,
-        )  # fmt: skip
-        self._steps_finalized = Counter(
-            "ncserve_steps_finalized", "Steps finalized", ("run_id",), registry=reg
-        )
-        self._steps_incomplete = Counter(
-            "ncserve_steps_incomplete",
-            "Steps marked incomplete (a shard missed the step deadline)",
-            ("run_id",),
-            registry=reg,
-        )
-        self._finalize_seconds = Histogram(
-            "ncserve_finalize_duration_seconds",
-            "Time to finalize a step once its last shard is merged",
-            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0),
-            registry=reg,
-        )
-        self._open_steps = Gauge("ncserve_open_steps", "Steps with shards in flight", registry=reg)
-        self._runs = Gauge("ncserve_runs", "Runs held by the service", registry=reg)
-        self._received_bytes = Counter(
-            "ncserve_received_bytes", "Tensor bytes of accepted shards", registry=reg
-        )
-        for round_ in ("1", "2"):
-            self._shards_received.labels(round=round_)
-        for reason in REJECTION_REASONS:
-            self._shards_rejected.labels(reason=reason)
-        self._lock = threading.Lock()
-        self._labels: dict[str, tuple[str, str]] = {}
-        self._info_labels: dict[str, tuple[str, ...]] = {}
-        # Per (run, gauge): the step its value comes from, so an older step never overwrites.
-        self._gauge_steps: dict[tuple[str, str], int] = {}
-        self._values: dict[tuple[str, str], float] = {}
+        self.series_grace_s = series_grace_s
+        self._wall_clock = wall_clock
+        self._counters = _ServiceCounters()
+        self._runs: RunRegistry | None = None
+        self._store: Store | None = None
+        self._open_steps: Callable[[], int] = lambda: 0
+        self._cache_lock = threading.Lock()
+        self._cache_key: tuple[int, tuple[str, ...]] | None = None
+        self._cache: _StoreReads | None = None
+        self.registry.register(_Collector(self))
 
-    # -- runs --------------------------------------------------------------------------------
+    def attach(self, runs: RunRegistry, store: Store, open_steps: Callable[[], int]) -> None:
+        """Read runs from ``runs`` and ``store``, and open steps from ``open_steps``."""
+        self._runs, self._store, self._open_steps = runs, store, open_steps
 
-    def run_registered(self, run: RunRecord) -> None:
-        meta = run.metadata
-        labels = (run.run_id, meta.get("optimizer") or "unknown")
-        info = (
-            run.run_id,
-            meta.get("optimizer", ""),
-            meta.get("model", ""),
-            meta.get("dataset", ""),
-            meta.get("engine", ""),
-            meta.get("lr", meta.get("learning_rate", "")),
-            meta.get("weight_decay", ""),
-            meta.get("momentum", ""),
-            str(run.world_size),
-        )
-        with self._lock:
-            old = self._labels.get(run.run_id)
-            if old is not None and old != labels:
-                # The optimizer became known later: move the run's series to the new labels.
-                for suffix, gauge in self._per_run.items():
-                    _remove(gauge, old)
-                    value = self._values.get((run.run_id, suffix))
-                    if value is not None:
-                        gauge.labels(*labels).set(value)
-            self._labels[run.run_id] = labels
-            old_info = self._info_labels.get(run.run_id)
-            if old_info is not None and old_info != info:
-                _remove(self._run_info, old_info)
-            self._info_labels[run.run_id] = info
-            self._run_info.labels(*info).set(1)
-            self._steps_finalized.labels(run_id=run.run_id)
-            self._steps_incomplete.labels(run_id=run.run_id)
-
-    def set_runs(self, count: int) -> None:
-        self._runs.set(count)
-
-    def set_open_steps(self, count: int) -> None:
-        self._open_steps.set(count)
-
-    # -- shards ------------------------------------------------------------------------------
+    # -- updates -----------------------------------------------------------------------------
 
     def shard_received(self, round_: int, payload_bytes: int) -> None:
-        self._shards_received.labels(round=str(round_)).inc()
-        self._received_bytes.inc(payload_bytes)
+        with self._counters.lock:
+            self._counters.received[str(round_)] += 1
+            self._counters.received_bytes += payload_bytes
 
     def shard_rejected(self, reason: str) -> None:
-        self._shards_rejected.labels(
-            reason=reason if reason in REJECTION_REASONS else "invalid_argument"
-        ).inc()
+        key = reason if reason in REJECTION_REASONS else "invalid_argument"
+        with self._counters.lock:
+            self._counters.rejected[key] += 1
 
     def observe_finalize(self, seconds: float) -> None:
-        self._finalize_seconds.observe(seconds)
+        index = bisect.bisect_left(_FINALIZE_BUCKETS, seconds)
+        with self._counters.lock:
+            self._counters.finalize_buckets[index] += 1
+            self._counters.finalize_sum += seconds
 
-    # -- measurements ------------------------------------------------------------------------
+    # -- scrape ------------------------------------------------------------------------------
 
-    def measurement_finalized(self, run: RunRecord, record: MeasurementRecord) -> None:
-        self._steps_finalized.labels(run_id=run.run_id).inc()
-        self._set_measurement(run, record)
+    def exported_runs(self) -> list[RunRecord]:
+        """Live runs, and ended ones for ``series_grace_s`` after they ended."""
+        if self._runs is None:
+            return []
+        now = self._wall_clock()
+        return [
+            r
+            for r in self._runs.all()
+            if r.live or (r.ended_unix is not None and now - r.ended_unix <= self.series_grace_s)
+        ]
 
-    def measurement_restored(self, run: RunRecord, record: MeasurementRecord) -> None:
-        self._set_measurement(run, record)
+    def snapshots(self) -> list[_RunSnapshot]:
+        runs = self.exported_runs()
+        if self._runs is None or self._store is None or not runs:
+            return []
+        ids = [r.run_id for r in runs]
+        key = (self._runs.version, tuple(ids))
+        with self._cache_lock:
+            cached = self._cache if key == self._cache_key else None
+        if cached is None:
+            cached = (
+                self._store.latest_measurements(ids),
+                self._store.latest_scalars(ids, _SCALAR_GAUGES),
+                self._store.run_counts(ids),
+            )
+            with self._cache_lock:
+                self._cache_key, self._cache = key, cached
+        latest, scalars, counts = cached
+        return [
+            _RunSnapshot(r, latest.get(r.run_id), scalars.get(r.run_id, {}), counts[r.run_id])
+            for r in runs
+        ]
 
-    def step_incomplete(self, run: RunRecord) -> None:
-        self._steps_incomplete.labels(run_id=run.run_id).inc()
+    def collect(self) -> Iterator[Metric]:
+        yield from self._service_families()
+        yield from self._run_families(self.snapshots())
 
-    def _set_measurement(self, run: RunRecord, record: MeasurementRecord) -> None:
+    def _service_families(self) -> Iterator[Metric]:
+        c = self._counters
+        with c.lock:
+            received = dict(c.received)
+            rejected = dict(c.rejected)
+            received_bytes = c.received_bytes
+            buckets = list(c.finalize_buckets)
+            finalize_sum = c.finalize_sum
+        family = CounterMetricFamily(
+            "ncserve_shards_received", "Shards accepted, by round", labels=("round",)
+        )
+        for round_, count in received.items():
+            family.add_metric((round_,), count)
+        yield family
+        family = CounterMetricFamily(
+            "ncserve_shards_rejected", "Shard pushes rejected, by reason", labels=("reason",)
+        )
+        for reason, count in rejected.items():
+            family.add_metric((reason,), count)
+        yield family
+        yield CounterMetricFamily(
+            "ncserve_received_bytes", "Tensor bytes of accepted shards", value=received_bytes
+        )
+        cumulative, running = [], 0
+        for bound, count in zip((*_FINALIZE_BUCKETS, math.inf), buckets, strict=True):
+            running += count
+            cumulative.append((_bucket_label(bound), running))
+        yield HistogramMetricFamily(
+            "ncserve_finalize_duration_seconds",
+            "Time to finalize a step once its last shard is merged",
+            buckets=cumulative,
+            sum_value=finalize_sum,
+        )
+        yield GaugeMetricFamily(
+            "ncserve_open_steps", "Steps with shards in flight", value=self._open_steps()
+        )
+        runs = GaugeMetricFamily(
+            "ncserve_runs", "Runs held by the service, by state", labels=("state",)
+        )
+        counts = self._runs.count_by_state() if self._runs is not None else {}
+        for state in RUN_STATES:
+            runs.add_metric((state,), counts.get(state, 0))
+        yield runs
+
+    def _run_families(self, snapshots: list[_RunSnapshot]) -> Iterator[Metric]:
+        labels = ("run_id", "optimizer")
+        gauges: dict[str, GaugeMetricFamily] = {
+            suffix: GaugeMetricFamily(
+                f"ncserve_{suffix}", f"{text} (latest measurement)", labels=labels
+            )
+            for suffix, (text, _) in _NC_GAUGES.items()
+        }
+        for suffix, text in _OTHER_RUN_GAUGES.items():
+            gauges[suffix] = GaugeMetricFamily(f"ncserve_{suffix}", text, labels=labels)
+        live = GaugeMetricFamily(
+            "ncserve_run_live",
+            "1 while the run is running, 0 once it finished, failed or was abandoned",
+            labels=labels,
+        )
+        state_family = GaugeMetricFamily(
+            "ncserve_run_state", "1 for the run's current state, 0 for the others",
+            labels=(*labels, "state"),
+        )  # fmt: skip
+        activity = GaugeMetricFamily(
+            "ncserve_run_last_activity_timestamp_seconds",
+            "When the service last heard from the run (Unix time)",
+            labels=labels,
+        )
+        info = GaugeMetricFamily(
+            "ncserve_run_info",
+            "Run metadata (value is always 1); values capped at 64 characters",
+            labels=("run_id", *RUN_INFO_KEYS, "world_size"),
+        )
+        finalized = CounterMetricFamily(
+            "ncserve_steps_finalized", "Steps finalized", labels=("run_id",)
+        )
+        incomplete = CounterMetricFamily(
+            "ncserve_steps_incomplete",
+            "Steps marked incomplete (a shard missed the step deadline)",
+            labels=("run_id",),
+        )
+        for snap in snapshots:
+            run = snap.run
+            meta = run.metadata
+            key = (run.run_id, label_value(meta.get("optimizer") or "unknown"))
+            for suffix, value in _run_values(snap).items():
+                gauges[suffix].add_metric(key, value)
+            live.add_metric(key, 1.0 if run.live else 0.0)
+            for state in RUN_STATES:
+                state_family.add_metric((*key, state), 1.0 if run.state == state else 0.0)
+            activity.add_metric(key, run.last_activity_unix)
+            lr = meta.get("lr", meta.get("learning_rate", ""))
+            values = [lr if k == "lr" else meta.get(k, "") for k in RUN_INFO_KEYS]
+            info.add_metric(
+                (run.run_id, *(label_value(v) for v in values), str(run.world_size)), 1.0
+            )
+            finalized.add_metric((run.run_id,), snap.counts.num_measurements)
+            incomplete.add_metric((run.run_id,), snap.counts.num_incomplete)
+        yield from gauges.values()
+        yield from (live, state_family, activity, info, finalized, incomplete)
+
+
+def _run_values(snap: _RunSnapshot) -> dict[str, float]:
+    """The per-run gauge values of one run: its latest measurement, with the scalar keys
+    recorded at a newer step taking over."""
+    values: dict[str, float] = {}
+    steps: dict[str, int] = {}
+    record = snap.latest
+    if record is not None:
         metrics = record.metrics or {}
-        values: dict[str, float] = {}
         for suffix, (_, key) in _NC_GAUGES.items():
             if key in metrics:
                 values[suffix] = float(metrics[key])
+                steps[suffix] = record.step
         scalars = record.scalars
         accuracy = scalars.get("train_accuracy", scalars.get("train_acc"))
         # Without reported training accuracy, the measurement split's accuracy is the
@@ -218,36 +338,30 @@ class ServiceMetrics:
         values["train_accuracy_ratio"] = float(
             accuracy if accuracy is not None else metrics.get("accuracy", math.nan)
         )
+        steps["train_accuracy_ratio"] = record.step
         if "train_loss" in scalars:
             values["train_loss"] = float(scalars["train_loss"])
+            steps["train_loss"] = record.step
         values["latest_step"] = float(record.step)
         if record.epoch is not None:
             values["latest_epoch"] = float(record.epoch)
-        self._set(run.run_id, record.step, values)
-
-    def scalars_recorded(self, run: RunRecord, step: int, values: Mapping[str, float]) -> None:
-        self._set(
-            run.run_id,
-            step,
-            {_SCALAR_GAUGES[k]: float(v) for k, v in values.items() if k in _SCALAR_GAUGES},
-        )
-
-    def _set(self, run_id: str, step: int, values: Mapping[str, float]) -> None:
-        with self._lock:
-            labels = self._labels.get(run_id, (run_id, "unknown"))
-            for suffix, value in values.items():
-                key = (run_id, suffix)
-                if self._gauge_steps.get(key, -1) > step:
-                    continue
-                self._gauge_steps[key] = step
-                self._values[key] = value
-                self._per_run[suffix].labels(*labels).set(value)
+    for key, (step, value) in snap.scalars.items():
+        suffix = _SCALAR_GAUGES[key]
+        if step >= steps.get(suffix, -1):
+            values[suffix], steps[suffix] = float(value), step
+    return values
 
 
-def _remove(gauge: Gauge, labels: tuple[str, ...]) -> None:
-    """Drop one labelled series if it exists."""
-    with contextlib.suppress(KeyError):
-        gauge.remove(*labels)
+def _bucket_label(bound: float) -> str:
+    return "+Inf" if math.isinf(bound) else repr(bound)
+
+
+class _Collector(Collector):
+    def __init__(self, metrics: ServiceMetrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        return self._metrics.collect()
 
 
 class _ExporterServer(ThreadingMixIn, WSGIServer):

@@ -17,9 +17,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from ncserve.service.aggregator import Aggregator, AggregatorLimits
+from ncserve.service.aggregator import Aggregator
 from ncserve.service.auth import TokenAuthInterceptor
-from ncserve.service.exporter import ServiceMetrics, start_exporter
+from ncserve.service.exporter import DEFAULT_SERIES_GRACE_S, ServiceMetrics, start_exporter
+from ncserve.service.runs import AggregatorLimits
 from ncserve.service.servicer import NCServicer, serialize_tensor_chunk
 from ncserve.service.store import Store
 from ncserve.v1 import ncserve_pb2 as pb
@@ -64,6 +65,23 @@ class ServerConfig(BaseModel):
         48 << 20, ge=1 << 20, description="payload bytes decoded at once over all pushes"
     )
     grace_s: float = Field(10.0, ge=0, description="drain time on stop / SIGTERM")
+    abandon_after_s: float = Field(
+        AggregatorLimits.abandon_after_s,
+        gt=0,
+        description="a running run with no shard, scalars or heartbeat for this long is "
+        "marked abandoned",
+    )
+    retention_s: float | None = Field(
+        AggregatorLimits.retention_s,
+        gt=0,
+        description="delete runs this long after they finished, failed or were abandoned "
+        "(None: keep them)",
+    )
+    series_grace_s: float = Field(
+        DEFAULT_SERIES_GRACE_S,
+        ge=0,
+        description="an ended run's series stay on /metrics this long, then leave",
+    )
 
     @field_validator("listen")
     @classmethod
@@ -133,9 +151,9 @@ class ServerHandle:
     def _reap(self, interval: float) -> None:
         while not self._reaper_stop.wait(interval):
             try:
-                self.aggregator.expire_overdue()
+                self.aggregator.maintain()
             except Exception:  # the reaper must outlive one bad pass
-                log.exception("step-deadline pass failed")
+                log.exception("reaper pass (step deadlines, run lifecycle) failed")
 
     def stop(self, grace_s: float | None = None) -> None:
         """NOT_SERVING, end waits and watches, drain in-flight calls for ``grace_s``, close."""
@@ -209,7 +227,7 @@ def start_server(config: ServerConfig) -> ServerHandle:
     Raises ValueError (bad address or TLS file), OSError (port in use) or
     ncserve.service.store.StoreError (database unusable), each naming what is wrong.
     """
-    metrics = ServiceMetrics()
+    metrics = ServiceMetrics(series_grace_s=config.series_grace_s)
     store = Store(config.db_path)
     try:
         limits = AggregatorLimits(
@@ -217,9 +235,11 @@ def start_server(config: ServerConfig) -> ServerHandle:
             max_open_steps=config.max_open_steps,
             max_world_size=config.max_world_size,
             step_deadline_s=config.step_deadline_s,
+            abandon_after_s=config.abandon_after_s,
+            retention_s=config.retention_s,
         )
         aggregator = Aggregator(store, metrics, limits)
-        metrics.set_runs(len(aggregator.list_runs()))
+        metrics.attach(aggregator.runs, store, aggregator.open_step_count)
 
         interceptors: list[grpc.ServerInterceptor] = []
         if config.token is not None:

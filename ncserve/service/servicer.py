@@ -14,6 +14,7 @@ import grpc
 
 from ncserve import wire
 from ncserve.metrics import ClassMeans
+from ncserve.protocol import RUN_STATE_NAMES, RUN_STATE_VALUES
 from ncserve.service.aggregator import (
     Aggregator,
     PushResult,
@@ -43,6 +44,21 @@ def _abort(context: grpc.ServicerContext, exc: ServiceError) -> NoReturn:
     raise AssertionError("context.abort returned")  # abort always raises
 
 
+# A ListRuns reply stops adding runs before it passes this size (the message limit is at
+# least 2 MiB; one run with the largest metadata allowed is under 80 KB).
+LIST_RUNS_REPLY_BUDGET = 1 << 20
+
+
+def _state_name(value: int, field: str) -> str:
+    name = RUN_STATE_NAMES.get(pb.RunState.ValueType(value))
+    if name is None:
+        raise InvalidArgument(
+            f"{field}={value} is not a run state; allowed: "
+            + ", ".join(pb.RunState.Name(v) for v in RUN_STATE_VALUES.values())
+        )
+    return name
+
+
 def run_info(view: RunView) -> pb.RunInfo:
     run = view.run
     info = pb.RunInfo(
@@ -55,9 +71,16 @@ def run_info(view: RunView) -> pb.RunInfo:
         num_measurements=view.counts.num_measurements,
         num_incomplete=view.counts.num_incomplete,
         num_open_steps=view.num_open_steps,
+        state=RUN_STATE_VALUES[run.state],
+        state_reason=run.state_reason,
+        last_activity_unix=run.last_activity_unix,
     )
     if view.counts.latest_step is not None:
         info.latest_step = view.counts.latest_step
+    if view.counts.first_step is not None:
+        info.first_step = view.counts.first_step
+    if run.ended_unix is not None:
+        info.ended_unix = run.ended_unix
     return info
 
 
@@ -211,7 +234,53 @@ class NCServicer(pb_grpc.NCServiceServicer):
     def ListRuns(
         self, request: pb.ListRunsRequest, context: grpc.ServicerContext
     ) -> pb.ListRunsReply:
-        return pb.ListRunsReply(runs=[run_info(v) for v in self._agg.list_runs()])
+        try:
+            states = [_state_name(v, "states") for v in request.states]
+            views, more = self._agg.list_runs_page(request.page_size, request.page_token, states)
+        except ServiceError as exc:
+            _abort(context, exc)
+        reply = pb.ListRunsReply()
+        size = 0
+        for index, view in enumerate(views):
+            info = run_info(view)
+            size += info.ByteSize() + 8  # field tag and length of the repeated entry
+            if index > 0 and size > LIST_RUNS_REPLY_BUDGET:
+                more = True
+                break
+            reply.runs.append(info)
+        if more:
+            last = views[len(reply.runs) - 1].run
+            reply.next_page_token = self._agg.runs.next_token(last, states)
+        return reply
+
+    def FinishRun(self, request: pb.FinishRunRequest, context: grpc.ServicerContext) -> pb.RunInfo:
+        try:
+            state = _state_name(request.state, "state")
+            view = self._agg.finish_run(request.run_id, state, request.reason)
+        except ServiceError as exc:
+            _abort(context, exc)
+        return run_info(view)
+
+    def Heartbeat(
+        self, request: pb.HeartbeatRequest, context: grpc.ServicerContext
+    ) -> pb.HeartbeatReply:
+        try:
+            run = self._agg.heartbeat(request.run_id)
+        except ServiceError as exc:
+            _abort(context, exc)
+        return pb.HeartbeatReply(state=RUN_STATE_VALUES[run.state])
+
+    def DeleteRun(
+        self, request: pb.DeleteRunRequest, context: grpc.ServicerContext
+    ) -> pb.DeleteRunReply:
+        try:
+            measurements, scalar_steps = self._agg.delete_run(request.run_id)
+        except ServiceError as exc:
+            _abort(context, exc)
+        with self._means_lock:
+            for key in [k for k in self._means_cache if k[0] == request.run_id]:
+                del self._means_cache[key]
+        return pb.DeleteRunReply(num_measurements=measurements, num_scalar_steps=scalar_steps)
 
     def GetRun(self, request: pb.GetRunRequest, context: grpc.ServicerContext) -> pb.RunInfo:
         try:

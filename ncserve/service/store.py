@@ -46,7 +46,7 @@ from ncserve.service.errors import ResourceExhausted, ServiceError, Unavailable
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 _CHECKPOINT_INTERVAL_S = 0.5
 _AUTOCHECKPOINT_PAGES = 4096  # 256 MiB of 64 KiB pages
 _WAL_SIZE_LIMIT = 64 << 20
@@ -150,12 +150,36 @@ MIGRATIONS: tuple[Migration, ...] = (
         DELETE FROM open_steps;
         """,
     ),
+    Migration(
+        3,
+        "run lifecycle: state, reason, end time and last activity of every run",
+        # Runs stored before lifecycles existed are running, last heard of at their newest
+        # record; the abandon timeout then ends the ones that are long gone.
+        """
+        ALTER TABLE runs ADD COLUMN state TEXT NOT NULL DEFAULT 'running'
+            CHECK (state IN ('running', 'finished', 'failed', 'abandoned'));
+        ALTER TABLE runs ADD COLUMN state_reason TEXT NOT NULL DEFAULT '';
+        ALTER TABLE runs ADD COLUMN ended_unix REAL;
+        ALTER TABLE runs ADD COLUMN last_activity_unix REAL NOT NULL DEFAULT 0;
+        UPDATE runs SET last_activity_unix = MAX(
+            created_unix,
+            COALESCE((SELECT MAX(finalized_unix) FROM measurements m
+                      WHERE m.run_id = runs.run_id), 0),
+            COALESCE((SELECT MAX(recorded_unix) FROM scalars s WHERE s.run_id = runs.run_id), 0),
+            COALESCE((SELECT MAX(received_unix) FROM shards h WHERE h.run_id = runs.run_id), 0));
+        -- The exporter reads each run's latest value of a few scalar keys at every scrape.
+        CREATE INDEX scalars_latest ON scalars (run_id, key, step);
+        """,
+    ),
 )
 assert MIGRATIONS[-1].version == SCHEMA_VERSION
 
 
 class StoreError(Exception):
     """The database cannot be opened or migrated (a startup problem, not a request's)."""
+
+
+RUN_STATES = ("running", "finished", "failed", "abandoned")
 
 
 @dataclass(frozen=True)
@@ -166,6 +190,14 @@ class RunRecord:
     world_size: int
     metadata: dict[str, str]
     created_unix: float
+    state: str = "running"  # one of RUN_STATES
+    state_reason: str = ""
+    ended_unix: float | None = None
+    last_activity_unix: float = 0.0
+
+    @property
+    def live(self) -> bool:
+        return self.state == "running"
 
 
 @dataclass(frozen=True)
@@ -173,6 +205,7 @@ class RunCounts:
     num_measurements: int
     num_incomplete: int
     latest_step: int | None
+    first_step: int | None = None
 
 
 @dataclass(frozen=True)
@@ -361,7 +394,8 @@ class Store:
         with self._transaction(f"register run {run.run_id!r}") as conn:
             conn.execute(
                 "INSERT INTO runs (run_id, num_classes, feature_dim, world_size, metadata_json,"
-                " created_unix) VALUES (?, ?, ?, ?, ?, ?)",
+                " created_unix, state, state_reason, ended_unix, last_activity_unix)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     run.run_id,
                     run.num_classes,
@@ -369,8 +403,48 @@ class Store:
                     run.world_size,
                     _json_dumps(run.metadata),
                     run.created_unix,
+                    run.state,
+                    run.state_reason,
+                    run.ended_unix,
+                    run.last_activity_unix,
                 ),
             )
+
+    def set_run_state(self, run: RunRecord) -> None:
+        """Store a run's state, reason, end time and last activity."""
+        with self._transaction(f"set the state of run {run.run_id!r} to {run.state}") as conn:
+            conn.execute(
+                "UPDATE runs SET state = ?, state_reason = ?, ended_unix = ?,"
+                " last_activity_unix = ? WHERE run_id = ?",
+                (run.state, run.state_reason, run.ended_unix, run.last_activity_unix, run.run_id),
+            )
+
+    def touch_run(self, run_id: str, when: float) -> None:
+        """Store when a run was last heard of (a heartbeat)."""
+        with self._transaction(f"record the activity of run {run_id!r}") as conn:
+            self._touch(conn, run_id, when)
+
+    @staticmethod
+    def _touch(conn: sqlite3.Connection, run_id: str, when: float) -> None:
+        """Inside a write transaction: the run was heard from at ``when``."""
+        conn.execute(
+            "UPDATE runs SET last_activity_unix = MAX(last_activity_unix, ?) WHERE run_id = ?",
+            (when, run_id),
+        )
+
+    def delete_run(self, run_id: str) -> tuple[int, int]:
+        """Remove a run and everything stored of it; (measurements, scalar steps) removed."""
+        with self._transaction(f"delete run {run_id!r}") as conn:
+            measurements = conn.execute(
+                "SELECT COUNT(*) FROM measurements WHERE run_id = ?", (run_id,)
+            ).fetchone()[0]
+            scalar_steps = conn.execute(
+                "SELECT COUNT(DISTINCT step) FROM scalars WHERE run_id = ?", (run_id,)
+            ).fetchone()[0]
+            for table in ("step_tensors", "open_steps", "shards", "scalars", "measurements"):
+                conn.execute(f"DELETE FROM {table} WHERE run_id = ?", (run_id,))
+            conn.execute("DELETE FROM runs WHERE run_id = ?", (run_id,))
+        return int(measurements), int(scalar_steps)
 
     def update_run_metadata(self, run_id: str, metadata: Mapping[str, str]) -> None:
         with self._transaction(f"update metadata of run {run_id!r}") as conn:
@@ -382,20 +456,32 @@ class Store:
     def runs(self) -> list[RunRecord]:
         with self._reader() as conn:
             rows = conn.execute(
-                "SELECT run_id, num_classes, feature_dim, world_size, metadata_json, created_unix"
+                "SELECT run_id, num_classes, feature_dim, world_size, metadata_json, created_unix,"
+                " state, state_reason, ended_unix, last_activity_unix"
                 " FROM runs ORDER BY created_unix, run_id"
             ).fetchall()
-        return [RunRecord(r[0], r[1], r[2], r[3], json.loads(r[4]), r[5]) for r in rows]
+        return [
+            RunRecord(r[0], r[1], r[2], r[3], json.loads(r[4]), r[5], r[6], r[7], r[8], r[9])
+            for r in rows
+        ]
 
-    def run_counts(self, run_id: str) -> RunCounts:
+    def run_counts(self, run_ids: Sequence[str]) -> dict[str, RunCounts]:
+        """Measurement counts and first/latest complete step of each run (one query)."""
+        counts = {run_id: RunCounts(0, 0, None) for run_id in run_ids}
+        if not counts:
+            return counts
         with self._reader() as conn:
-            row = conn.execute(
-                "SELECT SUM(status = 'complete'), SUM(status = 'incomplete'),"
-                " MAX(CASE WHEN status = 'complete' THEN step END)"
-                " FROM measurements WHERE run_id = ?",
-                (run_id,),
-            ).fetchone()
-        return RunCounts(int(row[0] or 0), int(row[1] or 0), row[2])
+            rows = conn.execute(
+                "SELECT run_id, SUM(status = 'complete'), SUM(status = 'incomplete'),"
+                " MAX(CASE WHEN status = 'complete' THEN step END),"
+                " MIN(CASE WHEN status = 'complete' THEN step END)"
+                f" FROM measurements WHERE run_id IN ({', '.join('?' * len(counts))})"
+                " GROUP BY run_id",
+                list(counts),
+            ).fetchall()
+        for run_id, complete, incomplete, latest, first in rows:
+            counts[run_id] = RunCounts(int(complete or 0), int(incomplete or 0), latest, first)
+        return counts
 
     # -- shards and open steps ---------------------------------------------------------------
 
@@ -421,6 +507,7 @@ class Store:
             for name, array in tensors.items():
                 self._write_tensor(conn, shard.run_id, shard.step, name, array)
             self._insert_shards(conn, shards)
+            self._touch(conn, shard.run_id, time.time())
 
     @staticmethod
     def _write_tensor(
@@ -493,6 +580,7 @@ class Store:
             row_id = int(cursor.lastrowid or 0)
             self._insert_shards(conn, last_shards)
             self._close_step(conn, run_id, step)
+            self._touch(conn, run_id, now)
         return MeasurementRecord(
             row_id, run_id, step, epoch, "complete", dict(metrics), dict(scalars), "", now
         )
@@ -605,6 +693,20 @@ class Store:
             ).fetchall()
         return [self._measurement(r) for r in rows]
 
+    def latest_measurements(self, run_ids: Sequence[str]) -> dict[str, MeasurementRecord]:
+        """The latest complete measurement of each run that has one (one query)."""
+        if not run_ids:
+            return {}
+        marks = ", ".join("?" * len(run_ids))
+        with self._reader() as conn:
+            rows = conn.execute(
+                f"SELECT {self._MEASUREMENT_COLUMNS} FROM measurements m"
+                f" WHERE run_id IN ({marks}) AND status = 'complete' AND step = (SELECT"
+                " MAX(step) FROM measurements WHERE run_id = m.run_id AND status = 'complete')",
+                list(run_ids),
+            ).fetchall()
+        return {row[1]: self._measurement(row) for row in rows}
+
     def latest_measurement(self, run_id: str) -> MeasurementRecord | None:
         with self._reader() as conn:
             row = conn.execute(
@@ -631,6 +733,7 @@ class Store:
                 " VALUES (?, ?, ?, ?, ?, ?)",
                 [(run_id, step, key, float(v), epoch, now) for key, v in values.items()],
             )
+            self._touch(conn, run_id, now)
 
     def scalars(
         self,
@@ -663,16 +766,23 @@ class Store:
             record.values[key] = value
         return list(records.values())
 
-    def latest_scalars(self, run_id: str, keys: Iterable[str]) -> dict[str, tuple[int, float]]:
-        """For each key, the (step, value) of its latest record (to restore exported gauges)."""
+    def latest_scalars(
+        self, run_ids: Sequence[str], keys: Iterable[str]
+    ) -> dict[str, dict[str, tuple[int, float]]]:
+        """Per run, for each key, the (step, value) of its latest record (one query)."""
         wanted = list(keys)
-        if not wanted:
+        if not wanted or not run_ids:
             return {}
         with self._reader() as conn:
             rows = conn.execute(
-                "SELECT key, step, value FROM scalars s WHERE run_id = ? AND key IN"
-                f" ({', '.join('?' * len(wanted))}) AND step = (SELECT MAX(step) FROM scalars"
-                " WHERE run_id = s.run_id AND key = s.key)",
-                [run_id, *wanted],
+                "SELECT run_id, key, step, value FROM scalars s WHERE run_id IN"
+                f" ({', '.join('?' * len(run_ids))}) AND key IN ({', '.join('?' * len(wanted))})"
+                " AND step = (SELECT MAX(step) FROM scalars WHERE run_id = s.run_id"
+                " AND key = s.key)",
+                [*run_ids, *wanted],
             ).fetchall()
-        return {key: (step, value) for key, step, value in rows if math.isfinite(value)}
+        latest: dict[str, dict[str, tuple[int, float]]] = {}
+        for run_id, key, step, value in rows:
+            if math.isfinite(value):
+                latest.setdefault(run_id, {})[key] = (step, value)
+        return latest

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -40,6 +41,7 @@ from ncserve.metrics import (
     round1_stats,
     round2_stats,
 )
+from ncserve.protocol import RUN_FAILED, RUN_FINISHED
 from ncserve.track.sinks import CSVSink, TensorBoardSink, require_tensorboard
 
 log = logging.getLogger(__name__)
@@ -144,6 +146,8 @@ class Tracker:
             the training loop only for its forward pass; the statistics and the exchange
             with the service run in a background thread while training goes on, and the
             result comes from ``settle()`` (called by the next measurement and by close()).
+        heartbeat_s: rank 0 tells the service the run is alive this often, so a run whose
+            epochs are longer than the service's abandon timeout is not taken for abandoned.
 
     Use it as a context manager, or call ``close()`` at the end of training.
     """
@@ -166,6 +170,7 @@ class Tracker:
         csv: str | Path | None = None,
         tensorboard: str | Path | None = None,
         background: bool = False,
+        heartbeat_s: float = 60.0,
     ) -> None:
         if isinstance(model, nn.parallel.DistributedDataParallel):
             # Its forward may broadcast buffers (a collective); measuring needs no gradients.
@@ -219,6 +224,12 @@ class Tracker:
         )
         self.local_fallbacks = 0
         self.background = bool(background)
+        self.heartbeat_s = float(heartbeat_s)
+        self._stop_heartbeat = threading.Event()
+        if self.rank == 0:
+            threading.Thread(
+                target=self._heartbeat_loop, name="ncserve-heartbeat", daemon=True
+            ).start()
         self._worker: ThreadPoolExecutor | None = None
         self._pending: tuple[_Capture, Future[_Outcome]] | None = None
         self._concluded: list[tuple[int, dict[str, float]]] = []
@@ -661,20 +672,26 @@ class Tracker:
                 self.tensorboard.write_step(step, values)
         return nc0, nc0_normalized
 
-    def close(self, timeout_s: float | None = None) -> DeliveryReport:
+    def close(
+        self, timeout_s: float | None = None, *, failed: bool = False, reason: str = ""
+    ) -> DeliveryReport:
         """Settle a measurement still running in the background (a collective; call
-        ``settle()`` first to get its metrics), deliver what is buffered, then stop the
-        embedded service.
+        ``settle()`` first to get its metrics), end the run (``finished``, or ``failed`` with
+        ``failed=True``), deliver what is buffered, then stop the embedded service.
 
         Delivery goes on for up to ``timeout_s`` (default 30 s) while the service takes
         calls. When a whole ``deadline_s`` passes with nothing delivered, the service is taken
         to be down and the rest stays in the spool (``ncserve replay RUN_DIR`` delivers it),
-        so an outage costs the end of training one deadline, not ``timeout_s``.
+        so an outage costs the end of training one deadline, not ``timeout_s``. The run's
+        end is queued behind everything else rank 0 sends, so it arrives last.
         """
         self._settle_pending()
         if self._worker is not None:
             self._worker.shutdown()
             self._worker = None
+        self._stop_heartbeat.set()
+        if self.rank == 0:
+            self.client.finish_run(self.run_id, RUN_FAILED if failed else RUN_FINISHED, reason)
         limit = time.monotonic() + (timeout_s if timeout_s is not None else 30.0)
         report = self.client.report()
         while report.buffered and (remaining := limit - time.monotonic()) > 0:
@@ -698,5 +715,14 @@ class Tracker:
     def __enter__(self) -> Tracker:
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        if exc is None:
+            self.close()
+        else:
+            self.close(failed=True, reason=f"{type(exc).__name__}: {exc}")
+
+    def _heartbeat_loop(self) -> None:
+        """Rank 0 says the run is alive between measurements (long epochs), so the service
+        does not take it for abandoned."""
+        while not self._stop_heartbeat.wait(self.heartbeat_s):
+            self.client.heartbeat(self.run_id)

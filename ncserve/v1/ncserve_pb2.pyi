@@ -19,6 +19,14 @@ class Round(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ROUND_1: _ClassVar[Round]
     ROUND_2: _ClassVar[Round]
 
+class RunState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RUN_STATE_UNSPECIFIED: _ClassVar[RunState]
+    RUN_RUNNING: _ClassVar[RunState]
+    RUN_FINISHED: _ClassVar[RunState]
+    RUN_FAILED: _ClassVar[RunState]
+    RUN_ABANDONED: _ClassVar[RunState]
+
 class StepStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     STEP_STATUS_UNSPECIFIED: _ClassVar[StepStatus]
@@ -30,6 +38,11 @@ DTYPE_INT64: DType
 ROUND_UNSPECIFIED: Round
 ROUND_1: Round
 ROUND_2: Round
+RUN_STATE_UNSPECIFIED: RunState
+RUN_RUNNING: RunState
+RUN_FINISHED: RunState
+RUN_FAILED: RunState
+RUN_ABANDONED: RunState
 STEP_STATUS_UNSPECIFIED: StepStatus
 STEP_COMPLETE: StepStatus
 STEP_INCOMPLETE: StepStatus
@@ -177,7 +190,7 @@ class RegisterRunReply(_message.Message):
     def __init__(self, created: _Optional[bool] = ..., run: _Optional[_Union[RunInfo, _Mapping]] = ...) -> None: ...
 
 class RunInfo(_message.Message):
-    __slots__ = ("run_id", "num_classes", "feature_dim", "world_size", "metadata", "created_unix", "num_measurements", "num_incomplete", "latest_step", "num_open_steps")
+    __slots__ = ("run_id", "num_classes", "feature_dim", "world_size", "metadata", "created_unix", "num_measurements", "num_incomplete", "latest_step", "num_open_steps", "state", "state_reason", "ended_unix", "last_activity_unix", "first_step")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -195,6 +208,11 @@ class RunInfo(_message.Message):
     NUM_INCOMPLETE_FIELD_NUMBER: _ClassVar[int]
     LATEST_STEP_FIELD_NUMBER: _ClassVar[int]
     NUM_OPEN_STEPS_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    STATE_REASON_FIELD_NUMBER: _ClassVar[int]
+    ENDED_UNIX_FIELD_NUMBER: _ClassVar[int]
+    LAST_ACTIVITY_UNIX_FIELD_NUMBER: _ClassVar[int]
+    FIRST_STEP_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     num_classes: int
     feature_dim: int
@@ -205,23 +223,72 @@ class RunInfo(_message.Message):
     num_incomplete: int
     latest_step: int
     num_open_steps: int
-    def __init__(self, run_id: _Optional[str] = ..., num_classes: _Optional[int] = ..., feature_dim: _Optional[int] = ..., world_size: _Optional[int] = ..., metadata: _Optional[_Mapping[str, str]] = ..., created_unix: _Optional[float] = ..., num_measurements: _Optional[int] = ..., num_incomplete: _Optional[int] = ..., latest_step: _Optional[int] = ..., num_open_steps: _Optional[int] = ...) -> None: ...
+    state: RunState
+    state_reason: str
+    ended_unix: float
+    last_activity_unix: float
+    first_step: int
+    def __init__(self, run_id: _Optional[str] = ..., num_classes: _Optional[int] = ..., feature_dim: _Optional[int] = ..., world_size: _Optional[int] = ..., metadata: _Optional[_Mapping[str, str]] = ..., created_unix: _Optional[float] = ..., num_measurements: _Optional[int] = ..., num_incomplete: _Optional[int] = ..., latest_step: _Optional[int] = ..., num_open_steps: _Optional[int] = ..., state: _Optional[_Union[RunState, str]] = ..., state_reason: _Optional[str] = ..., ended_unix: _Optional[float] = ..., last_activity_unix: _Optional[float] = ..., first_step: _Optional[int] = ...) -> None: ...
 
 class ListRunsRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("page_size", "page_token", "states")
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    STATES_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    page_token: str
+    states: _containers.RepeatedScalarFieldContainer[RunState]
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., states: _Optional[_Iterable[_Union[RunState, str]]] = ...) -> None: ...
 
 class ListRunsReply(_message.Message):
-    __slots__ = ("runs",)
+    __slots__ = ("runs", "next_page_token")
     RUNS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     runs: _containers.RepeatedCompositeFieldContainer[RunInfo]
-    def __init__(self, runs: _Optional[_Iterable[_Union[RunInfo, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, runs: _Optional[_Iterable[_Union[RunInfo, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class GetRunRequest(_message.Message):
     __slots__ = ("run_id",)
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     def __init__(self, run_id: _Optional[str] = ...) -> None: ...
+
+class FinishRunRequest(_message.Message):
+    __slots__ = ("run_id", "state", "reason")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    state: RunState
+    reason: str
+    def __init__(self, run_id: _Optional[str] = ..., state: _Optional[_Union[RunState, str]] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class HeartbeatRequest(_message.Message):
+    __slots__ = ("run_id",)
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    def __init__(self, run_id: _Optional[str] = ...) -> None: ...
+
+class HeartbeatReply(_message.Message):
+    __slots__ = ("state",)
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    state: RunState
+    def __init__(self, state: _Optional[_Union[RunState, str]] = ...) -> None: ...
+
+class DeleteRunRequest(_message.Message):
+    __slots__ = ("run_id",)
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    def __init__(self, run_id: _Optional[str] = ...) -> None: ...
+
+class DeleteRunReply(_message.Message):
+    __slots__ = ("num_measurements", "num_scalar_steps")
+    NUM_MEASUREMENTS_FIELD_NUMBER: _ClassVar[int]
+    NUM_SCALAR_STEPS_FIELD_NUMBER: _ClassVar[int]
+    num_measurements: int
+    num_scalar_steps: int
+    def __init__(self, num_measurements: _Optional[int] = ..., num_scalar_steps: _Optional[int] = ...) -> None: ...
 
 class NCMetrics(_message.Message):
     __slots__ = ("nc0", "nc0_normalized", "nc1", "nc1_trace_ratio", "cdnv", "nc2_norm", "nc2_angle", "nc2", "nc2w_norm", "nc2w_angle", "nc2w", "nc2m", "nc3", "nc4", "accuracy", "num_samples", "num_classes", "feature_dim", "holdout_nc4", "holdout_accuracy", "holdout_num_samples")

@@ -5,7 +5,7 @@ import warnings
 
 from ncserve.v1 import ncserve_pb2 as ncserve_dot_v1_dot_ncserve__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.85.4'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -87,6 +87,21 @@ class NCServiceStub:
                 request_serializer=ncserve_dot_v1_dot_ncserve__pb2.WatchMetricsRequest.SerializeToString,
                 response_deserializer=ncserve_dot_v1_dot_ncserve__pb2.Measurement.FromString,
                 _registered_method=True)
+        self.FinishRun = channel.unary_unary(
+                '/ncserve.v1.NCService/FinishRun',
+                request_serializer=ncserve_dot_v1_dot_ncserve__pb2.FinishRunRequest.SerializeToString,
+                response_deserializer=ncserve_dot_v1_dot_ncserve__pb2.RunInfo.FromString,
+                _registered_method=True)
+        self.Heartbeat = channel.unary_unary(
+                '/ncserve.v1.NCService/Heartbeat',
+                request_serializer=ncserve_dot_v1_dot_ncserve__pb2.HeartbeatRequest.SerializeToString,
+                response_deserializer=ncserve_dot_v1_dot_ncserve__pb2.HeartbeatReply.FromString,
+                _registered_method=True)
+        self.DeleteRun = channel.unary_unary(
+                '/ncserve.v1.NCService/DeleteRun',
+                request_serializer=ncserve_dot_v1_dot_ncserve__pb2.DeleteRunRequest.SerializeToString,
+                response_deserializer=ncserve_dot_v1_dot_ncserve__pb2.DeleteRunReply.FromString,
+                _registered_method=True)
 
 
 class NCServiceServicer:
@@ -145,7 +160,10 @@ class NCServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListRuns(self, request, context):
-        """Every run the service holds, oldest first.
+        """The runs the service holds, oldest first, a page at a time (AIP-158):
+        page_size and page_token in the request, next_page_token in the reply.
+        Every reply stays well under the message size limit whatever the runs'
+        metadata, so a page may hold fewer runs than page_size.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -175,6 +193,37 @@ class NCServiceServicer:
     def WatchMetrics(self, request, context):
         """Measurements of a run as they are finalized (and, if asked, the steps
         marked incomplete). Ends when the client cancels or the server shuts down.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FinishRun(self, request, context):
+        """Ends a run: RUN_FINISHED when training completed, RUN_FAILED when it
+        crashed. Idempotent: ending a run again in the same state succeeds and
+        keeps the first end time; a finished run cannot become failed or the
+        reverse (FAILED_PRECONDITION). An ended run stops alerting at once and its
+        series leave /metrics after the server's grace period. Shards and scalars
+        that still arrive for it (replayed from a spool) are stored as usual.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Heartbeat(self, request, context):
+        """Says a run is alive when it has nothing else to send for a while (a long
+        epoch between measurements). Any accepted shard or scalar counts as well;
+        a run with no activity for the server's abandon timeout is marked
+        RUN_ABANDONED, and activity brings it back to RUN_RUNNING.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteRun(self, request, context):
+        """Removes a run and everything stored of it (measurements, scalars, shards,
+        open steps) and its exported series. NOT_FOUND when unknown. The run id
+        can be registered again afterwards, as a new run.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -232,6 +281,21 @@ def add_NCServiceServicer_to_server(servicer, server):
                     servicer.WatchMetrics,
                     request_deserializer=ncserve_dot_v1_dot_ncserve__pb2.WatchMetricsRequest.FromString,
                     response_serializer=ncserve_dot_v1_dot_ncserve__pb2.Measurement.SerializeToString,
+            ),
+            'FinishRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.FinishRun,
+                    request_deserializer=ncserve_dot_v1_dot_ncserve__pb2.FinishRunRequest.FromString,
+                    response_serializer=ncserve_dot_v1_dot_ncserve__pb2.RunInfo.SerializeToString,
+            ),
+            'Heartbeat': grpc.unary_unary_rpc_method_handler(
+                    servicer.Heartbeat,
+                    request_deserializer=ncserve_dot_v1_dot_ncserve__pb2.HeartbeatRequest.FromString,
+                    response_serializer=ncserve_dot_v1_dot_ncserve__pb2.HeartbeatReply.SerializeToString,
+            ),
+            'DeleteRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteRun,
+                    request_deserializer=ncserve_dot_v1_dot_ncserve__pb2.DeleteRunRequest.FromString,
+                    response_serializer=ncserve_dot_v1_dot_ncserve__pb2.DeleteRunReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -507,6 +571,87 @@ class NCService:
             '/ncserve.v1.NCService/WatchMetrics',
             ncserve_dot_v1_dot_ncserve__pb2.WatchMetricsRequest.SerializeToString,
             ncserve_dot_v1_dot_ncserve__pb2.Measurement.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FinishRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ncserve.v1.NCService/FinishRun',
+            ncserve_dot_v1_dot_ncserve__pb2.FinishRunRequest.SerializeToString,
+            ncserve_dot_v1_dot_ncserve__pb2.RunInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Heartbeat(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ncserve.v1.NCService/Heartbeat',
+            ncserve_dot_v1_dot_ncserve__pb2.HeartbeatRequest.SerializeToString,
+            ncserve_dot_v1_dot_ncserve__pb2.HeartbeatReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ncserve.v1.NCService/DeleteRun',
+            ncserve_dot_v1_dot_ncserve__pb2.DeleteRunRequest.SerializeToString,
+            ncserve_dot_v1_dot_ncserve__pb2.DeleteRunReply.FromString,
             options,
             channel_credentials,
             insecure,
