@@ -56,7 +56,8 @@ def test_generated_modules_import_as_package() -> None:
     assert service.full_name == "ncserve.v1.NCService"
     assert {m.name for m in service.methods} == {
         "RegisterRun", "PushRound1", "FetchClassMeans", "PushRound2", "RecordScalars",
-        "ListRuns", "GetRun", "GetMetrics", "GetScalars", "WatchMetrics",
+        "ListRuns", "GetRun", "GetMetrics", "GetScalars", "WatchMetrics", "FinishRun",
+        "Heartbeat", "DeleteRun",
     }  # fmt: skip
     assert hasattr(ncserve_pb2_grpc, "NCServiceStub")
 
