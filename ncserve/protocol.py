@@ -20,7 +20,11 @@ HOLDOUT_PREFIX = "holdout."
 
 # -- identifiers and what a client may send --------------------------------------------------
 
-RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/=+@-]{0,199}")
+# A run id also names a folder (runs/<run-id>): no path separator, no "..".
+RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9](?!.*\.\.)[A-Za-z0-9._:=+@-]{0,199}")
+RUN_ID_RULE = (
+    "1-200 characters of [A-Za-z0-9._:=+@-], starting with a letter or digit, without '..'"
+)
 SCALAR_KEY_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 MAX_METADATA_ENTRIES = 64
 MAX_METADATA_KEY = 64

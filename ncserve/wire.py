@@ -28,6 +28,8 @@ from ncserve.v1 import ncserve_pb2 as pb
 
 MAX_PIECE_BYTES = 1 << 20
 """Largest ``TensorPiece.data`` on the wire (1 MiB), far under gRPC's 4 MiB default."""
+# No dimension of a measurement's tensors exceeds an int32 (K and P are int32).
+_MAX_DIM = (1 << 31) - 1
 
 _WIRE_DTYPES: dict[pb.DType, np.dtype] = {
     pb.DTYPE_FLOAT64: np.dtype("<f8"),
@@ -220,8 +222,13 @@ class ArrayAssembler:
         if dtype is None:
             raise WireError(f"tensor {name!r} has dtype={piece.dtype}; expected FLOAT64 or INT64")
         shape = tuple(int(d) for d in piece.shape)
-        if any(d < 0 for d in shape) or len(shape) > 4:
-            raise WireError(f"tensor {name!r} has invalid shape={list(shape)}")
+        # No dimension of a measurement exceeds an int32 (K and P are int32 on the wire);
+        # larger ones, even of an empty tensor, are refused before numpy sees them.
+        if any(not 0 <= d <= _MAX_DIM for d in shape) or len(shape) > 4:
+            raise WireError(
+                f"tensor {name!r} has invalid shape={list(shape)} (at most 4 dimensions, "
+                f"each in [0, {_MAX_DIM}])"
+            )
         expected = math.prod(shape) * dtype.itemsize
         self._declared_bytes += expected
         if self._declared_bytes > self._max_total_bytes:
@@ -232,7 +239,10 @@ class ArrayAssembler:
             )
         # Allocated once at the declared size (already checked against the limit), then
         # filled; left uninitialized, as every byte is written before the array is used.
-        array = np.empty(shape, dtype=dtype)
+        try:
+            array = np.empty(shape, dtype=dtype)
+        except (ValueError, MemoryError) as exc:
+            raise WireError(f"tensor {name!r} with shape={list(shape)}: {exc}") from None
         return _TensorBuffer(name, dtype, shape, array, array.reshape(-1).view(np.uint8))
 
     def _close_current(self) -> None:

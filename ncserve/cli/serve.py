@@ -10,6 +10,7 @@ import sys
 import threading
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import click
 from pydantic import SecretStr, ValidationError
@@ -41,11 +42,11 @@ class Duration(click.ParamType):
         return seconds
 
 
-def _default(field: str) -> float:
+def _default(field: str) -> Any:
     """A ServerConfig field's default: the one definition of each setting."""
     from ncserve.service.server import ServerConfig
 
-    return float(ServerConfig.model_fields[field].default)
+    return ServerConfig.model_fields[field].default
 
 
 def _shown(seconds: float) -> str:
@@ -161,7 +162,7 @@ def _write_port_file(path: Path, port: int) -> None:
     "abandon_after_s",
     type=Duration(),
     default=_default("abandon_after_s"),
-    show_default=_shown(_default("abandon_after_s")),
+    show_default=_shown(float(_default("abandon_after_s"))),
     help="A running run that sends no shard, scalars or heartbeat for this long is marked "
     "abandoned (its alerts resolve); it becomes running again if it speaks.",
 )
@@ -178,7 +179,7 @@ def _write_port_file(path: Path, port: int) -> None:
     "series_grace_s",
     type=Duration(),
     default=_default("series_grace_s"),
-    show_default=_shown(_default("series_grace_s")),
+    show_default=_shown(float(_default("series_grace_s"))),
     help="How long an ended run's series stay on /metrics (dashboards show its last "
     "values) before they leave.",
 )
@@ -202,6 +203,14 @@ def _write_port_file(path: Path, port: int) -> None:
     default=256,
     show_default=True,
     help="Steps in flight over all runs; more get RESOURCE_EXHAUSTED.",
+)
+@click.option(
+    "--max-open-steps-per-run",
+    type=click.IntRange(min=1),
+    default=_default("max_open_steps_per_run"),
+    show_default=True,
+    help="Steps one run may have open at once (its ranks keep one or two open; more come "
+    "from a replayed backlog), so one run cannot take every --max-open-steps slot.",
 )
 @click.option(
     "--max-message-bytes",
@@ -258,6 +267,7 @@ def serve(
     max_workers: int,
     max_runs: int,
     max_open_steps: int,
+    max_open_steps_per_run: int,
     max_message_bytes: int,
     max_inflight_bytes: int,
     blas_threads: int,
@@ -298,6 +308,7 @@ def serve(
             max_workers=max_workers,
             max_runs=max_runs,
             max_open_steps=max_open_steps,
+            max_open_steps_per_run=max_open_steps_per_run,
             max_message_bytes=max_message_bytes,
             max_inflight_bytes=max_inflight_bytes,
         )

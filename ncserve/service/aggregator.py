@@ -74,6 +74,9 @@ from ncserve.service.store import (
 
 log = logging.getLogger(__name__)
 
+# Steps are SQLite INTEGERs (int64).
+_MAX_STEP = (1 << 63) - 1
+
 
 class DeadlineExceeded(ServiceError):
     status = "DEADLINE_EXCEEDED"
@@ -379,6 +382,10 @@ class Aggregator:
             raise InvalidArgument(f"epoch must be >= 0, got epoch={push.epoch}")
         if push.round == ROUND_1 and (push.scalars or push.train_tally is not None):
             raise InvalidArgument("scalars and train_tally belong in the round-2 header")
+        if len(push.scalars) > MAX_SCALARS:
+            raise InvalidArgument(
+                f"the header carries {len(push.scalars)} scalars; at most {MAX_SCALARS}"
+            )
         for key, value in push.scalars.items():
             if not SCALAR_KEY_PATTERN.fullmatch(key):
                 raise InvalidArgument(
@@ -623,6 +630,13 @@ class Aggregator:
                         f"cannot open step {shard.step} of run {run.run_id!r}: "
                         f"{len(self._open)} steps are open, the limit (--max-open-steps)"
                     )
+                of_run = sum(1 for open_key in self._open if open_key[0] == run.run_id)
+                if of_run >= self.limits.max_open_steps_per_run:
+                    raise ResourceExhausted(
+                        f"cannot open step {shard.step} of run {run.run_id!r}: the run has "
+                        f"{of_run} steps open, its limit (--max-open-steps-per-run); they "
+                        "close when every rank's shards arrive or at the step deadline"
+                    )
                 state = _OpenStep(run, shard.step, time.time(), self._clock())
                 self._open[key] = state
             return state, None
@@ -680,9 +694,29 @@ class Aggregator:
             accepted.append(item)
         if not accepted:
             return
+        base = merged.copy()
         for item in accepted:
             assert item.stats1 is not None
             merged.merge_in_place(item.stats1)
+        if not _round1_sound(merged):
+            # Some shard takes the merged sums past float64 (or the counts past int64):
+            # merge again one by one and refuse the shards that do.
+            merged, kept = base, []
+            for item in accepted:
+                assert item.stats1 is not None
+                trial = merged.merge(item.stats1)
+                if _round1_sound(trial):
+                    merged = trial
+                    kept.append(item)
+                else:
+                    item.fail(_overflow(item.shard))
+                    del shards[item.shard.rank]
+            accepted = kept
+            if not accepted:
+                return
+            if state.weight is None:
+                carrier = next((i for i in accepted if i.weight is not None), None)
+                weight, bias = (carrier.weight, carrier.bias) if carrier else (None, None)
         tensors: dict[str, np.ndarray] = _prefixed(merged.to_arrays(), "r1.")
         if state.weight is None and weight is not None:
             tensors["weight"] = weight
@@ -738,9 +772,26 @@ class Aggregator:
                     )
                 )
                 continue
-            merged = merged.merge(stats)
+            new_keys = set(item.push.scalars) - set(scalar_sums)
+            if len(scalar_sums) + len(new_keys) > MAX_SCALARS:
+                item.fail(
+                    InvalidArgument(
+                        f"rank {shard.rank} adds {len(new_keys)} scalar keys to the "
+                        f"{len(scalar_sums)} of step {shard.step}; a step holds at most "
+                        f"{MAX_SCALARS}"
+                    )
+                )
+                continue
+            candidate = merged.merge(stats)
+            candidate_holdout = holdout
             if item.holdout is not None:
-                holdout = item.holdout if holdout is None else holdout.merge(item.holdout)
+                candidate_holdout = item.holdout if holdout is None else holdout.merge(item.holdout)
+            if not _round2_finite(candidate) or (
+                candidate_holdout is not None and not _round2_finite(candidate_holdout)
+            ):
+                item.fail(_overflow(shard))
+                continue
+            merged, holdout = candidate, candidate_holdout
             for key, value in item.push.scalars.items():
                 entry = scalar_sums.setdefault(key, [0.0, 0.0])
                 entry[0] += float(value)
@@ -976,7 +1027,7 @@ class Aggregator:
         """Stored measurements a new watcher replays, and the row id to stream after."""
         self.run(run_id)
         upto = self._store.max_measurement_id()
-        if after_step is None:
+        if after_step is None or after_step >= _MAX_STEP:
             return [], upto
         backlog = self._store.measurements(
             run_id, first=after_step + 1, include_incomplete=include_incomplete, max_id=upto
@@ -1019,6 +1070,23 @@ class Aggregator:
     ) -> list[ScalarRecord]:
         self.run(run_id)
         return self._store.scalars(run_id, first, last, keys)
+
+
+def _round1_sound(stats: Round1Stats) -> bool:
+    """Merged round-1 sums still finite and counts still non-negative (no wrap-around)."""
+    return all_finite(stats.sums_KP) and bool((stats.counts_K >= 0).all())
+
+
+def _round2_finite(stats: Round2Stats) -> bool:
+    return all_finite(stats.scatter) and all_finite(stats.sq_resid_K) and stats.num_samples >= 0
+
+
+def _overflow(shard: ShardRecord) -> InvalidArgument:
+    return InvalidArgument(
+        f"round-{shard.round} shard of rank {shard.rank} for step {shard.step} would take the "
+        "merged sums of the step past float64 (or its counts past int64); its values are "
+        "not the statistics of real features"
+    )
 
 
 def _max_epoch(a: int | None, b: int | None) -> int | None:

@@ -37,6 +37,7 @@ from ncserve.protocol import (
     RUN_END_STATES,
     RUN_FAILED,
     RUN_ID_PATTERN,
+    RUN_ID_RULE,
     RUN_RUNNING,
     RUN_STATES,
 )
@@ -58,7 +59,11 @@ class AggregatorLimits:
 
     max_runs: int = 1000
     max_open_steps: int = 256
+    # One run may hold at most this many of them (a run's ranks keep one or two open).
+    max_open_steps_per_run: int = 16
     max_world_size: int = 200
+    # The largest push payload the server reads; a run whose pushes cannot fit is refused.
+    max_shard_bytes: int = 2 << 30
     step_deadline_s: float = 900.0
     # A running run with no activity for this long is marked abandoned.
     abandon_after_s: float = 3600.0
@@ -106,10 +111,7 @@ def _shown_id(run_id: str) -> str:
 
 def check_run_id(run_id: str) -> None:
     if not RUN_ID_PATTERN.fullmatch(run_id):
-        raise InvalidArgument(
-            f"run_id={_shown_id(run_id)} is not valid: 1-200 characters of [A-Za-z0-9._:/=+@-] "
-            "starting with a letter or digit"
-        )
+        raise InvalidArgument(f"run_id={_shown_id(run_id)} is not valid: {RUN_ID_RULE}")
 
 
 def check_metadata(metadata: Mapping[str, str]) -> None:
@@ -249,6 +251,17 @@ class RunRegistry:
                 self._runs[run_id] = updated
                 self._version += 1
                 return False, updated
+            # A round-1 push carries the class sums and W (K x P each); a round-2 push a
+            # min(K, P)-square scatter: a run none of whose pushes could fit is refused now.
+            largest = max(
+                16 * num_classes * (feature_dim + 1), 8 * min(num_classes, feature_dim) ** 2
+            )
+            if largest > self.limits.max_shard_bytes:
+                raise ResourceExhausted(
+                    f"num_classes={num_classes} x feature_dim={feature_dim} needs pushes of "
+                    f"{largest} bytes; this server reads at most {self.limits.max_shard_bytes} "
+                    "(--max-shard-bytes)"
+                )
             if len(self._runs) >= self.limits.max_runs:
                 raise ResourceExhausted(
                     f"cannot register run {run_id!r}: this server holds its limit of "

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 from ncserve.service.aggregator import Aggregator
 from ncserve.service.auth import TokenAuthInterceptor
 from ncserve.service.exporter import DEFAULT_SERIES_GRACE_S, ServiceMetrics, start_exporter
+from ncserve.service.guard import StreamGuard, StreamLimits
 from ncserve.service.runs import AggregatorLimits
 from ncserve.service.servicer import NCServicer, serialize_tensor_chunk
 from ncserve.service.store import Store
@@ -58,13 +59,29 @@ class ServerConfig(BaseModel):
     step_deadline_s: float = Field(900.0, gt=0, description="open step -> incomplete after")
     max_workers: int = Field(256, ge=4, description="gRPC worker threads")
     max_runs: int = Field(1000, ge=1)
-    max_open_steps: int = Field(256, ge=1)
+    max_open_steps: int = Field(AggregatorLimits.max_open_steps, ge=1)
+    max_open_steps_per_run: int = Field(
+        AggregatorLimits.max_open_steps_per_run,
+        ge=1,
+        description="steps one run may have open at once",
+    )
     max_message_bytes: int = Field(4 << 20, ge=2 << 20, description="largest gRPC message")
     max_shard_bytes: int = Field(2 << 30, ge=1 << 20, description="largest push payload")
     max_inflight_bytes: int = Field(
         48 << 20, ge=1 << 20, description="payload bytes decoded at once over all pushes"
     )
     grace_s: float = Field(10.0, ge=0, description="drain time on stop / SIGTERM")
+    max_streams_per_peer: int | None = Field(
+        None, ge=1, description="streams one peer address may hold open (None: no own limit)"
+    )
+    stream_idle_timeout_s: float = Field(
+        StreamLimits.idle_timeout_s,
+        gt=0,
+        description="a push stream silent this long is cut (frees its thread and budget)",
+    )
+    stream_lifetime_s: float = Field(
+        StreamLimits.lifetime_s, gt=0, description="the longest a push stream may last"
+    )
     abandon_after_s: float = Field(
         AggregatorLimits.abandon_after_s,
         gt=0,
@@ -105,9 +122,25 @@ class ServerConfig(BaseModel):
         return self
 
     @property
+    def max_streams(self) -> int:
+        """Streams served at once: the workers less a reserve that always serves unary
+        calls and health (a quarter of them, from 2 to 32)."""
+        return max(1, self.max_workers - max(2, min(32, self.max_workers // 4)))
+
+    @property
     def max_world_size(self) -> int:
-        # Each rank waiting for class means holds a worker; keep some for everything else.
-        return max(1, self.max_workers - 16)
+        # Each rank waiting for class means holds a worker and a stream; keep some workers
+        # for everything else.
+        return max(1, min(self.max_workers - 16, self.max_streams))
+
+    def stream_limits(self) -> StreamLimits:
+        return StreamLimits(
+            max_streams=self.max_streams,
+            max_streams_per_peer=min(self.max_streams_per_peer or self.max_streams,
+                                     self.max_streams),
+            idle_timeout_s=self.stream_idle_timeout_s,
+            lifetime_s=self.stream_lifetime_s,
+        )  # fmt: skip
 
 
 class ServerHandle:
@@ -124,8 +157,10 @@ class ServerHandle:
         metrics: ServiceMetrics,
         exporter: tuple[object, threading.Thread] | None,
         metrics_port: int | None,
+        guard: StreamGuard,
     ) -> None:
         self.config = config
+        self.guard = guard
         self.port = port
         self.metrics_port = metrics_port
         self.aggregator = aggregator
@@ -167,6 +202,7 @@ class ServerHandle:
             self._server.stop(grace).wait()
             self._reaper_stop.set()
             self._reaper.join()
+            self.guard.close()
             if self._exporter is not None:
                 httpd = self._exporter[0]
                 httpd.shutdown()  # type: ignore[attr-defined]
@@ -229,10 +265,13 @@ def start_server(config: ServerConfig) -> ServerHandle:
     """
     metrics = ServiceMetrics(series_grace_s=config.series_grace_s)
     store = Store(config.db_path)
+    guard: StreamGuard | None = None
     try:
         limits = AggregatorLimits(
             max_runs=config.max_runs,
             max_open_steps=config.max_open_steps,
+            max_open_steps_per_run=config.max_open_steps_per_run,
+            max_shard_bytes=config.max_shard_bytes,
             max_world_size=config.max_world_size,
             step_deadline_s=config.step_deadline_s,
             abandon_after_s=config.abandon_after_s,
@@ -267,8 +306,11 @@ def start_server(config: ServerConfig) -> ServerHandle:
                 ("grpc.http2.bdp_probe", 0),
             ],
         )
+        guard = StreamGuard(config.stream_limits())
         _add_servicer(
-            NCServicer(aggregator, metrics, config.max_shard_bytes, config.max_inflight_bytes),
+            NCServicer(
+                aggregator, metrics, guard, config.max_shard_bytes, config.max_inflight_bytes
+            ),
             server,
         )
         health_servicer = health.HealthServicer(experimental_non_blocking=True)
@@ -301,6 +343,8 @@ def start_server(config: ServerConfig) -> ServerHandle:
             metrics_port = int(exporter[0].server_port)
         server.start()
     except BaseException:
+        if guard is not None:
+            guard.close()
         store.close()
         raise
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -326,4 +370,5 @@ def start_server(config: ServerConfig) -> ServerHandle:
         metrics,
         exporter,
         metrics_port,
+        guard,
     )

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
+import itertools
 import logging
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from typing import NoReturn
 
@@ -26,9 +27,9 @@ from ncserve.service.errors import (
     ResourceExhausted,
     ServiceError,
     TruncatedStream,
-    Unavailable,
 )
 from ncserve.service.exporter import ServiceMetrics
+from ncserve.service.guard import ByteBudget, StreamGuard
 from ncserve.service.store import MeasurementRecord, RunRecord
 from ncserve.v1 import ncserve_pb2 as pb
 from ncserve.v1 import ncserve_pb2_grpc as pb_grpc
@@ -104,63 +105,6 @@ def measurement(record: MeasurementRecord) -> pb.Measurement:
     return message
 
 
-class ByteBudget:
-    """Counting semaphore over bytes, granted in arrival order. A request larger than the
-    whole budget takes all of it.
-
-    Each waiter has its own event and a release wakes only the waiters it lets in: with
-    every rank of a step asking at once, waking them all on each release (to find the one
-    that fits) cost more than the work they waited for.
-    """
-
-    def __init__(self, capacity: int, max_wait_s: float) -> None:
-        self._capacity = capacity
-        self._max_wait_s = max_wait_s
-        self._used = 0
-        self._lock = threading.Lock()
-        self._waiters: collections.deque[_BudgetWaiter] = collections.deque()
-
-    @contextlib.contextmanager
-    def hold(self, num_bytes: int, timeout_s: float | None) -> Iterator[None]:
-        need = min(num_bytes, self._capacity)
-        wait_s = self._max_wait_s if timeout_s is None else max(timeout_s, 0.0)
-        with self._lock:
-            if not self._waiters and self._used + need <= self._capacity:
-                self._used += need
-                waiter = None
-            else:
-                waiter = _BudgetWaiter(need)
-                self._waiters.append(waiter)
-        if waiter is not None and not waiter.granted.wait(wait_s):
-            with self._lock:
-                if not waiter.granted.is_set():
-                    self._waiters.remove(waiter)
-                    self._grant()  # those behind it may fit now
-                    raise Unavailable(
-                        f"server busy: {self._used} bytes of pushes in flight (limit "
-                        f"{self._capacity}, --max-inflight-bytes); retry"
-                    )
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._used -= need
-                self._grant()
-
-    def _grant(self) -> None:
-        """Let in waiters, first come first served, while they fit. Caller holds the lock."""
-        while self._waiters and self._used + self._waiters[0].need <= self._capacity:
-            waiter = self._waiters.popleft()
-            self._used += waiter.need
-            waiter.granted.set()
-
-
-@dataclasses.dataclass(eq=False)
-class _BudgetWaiter:
-    need: int
-    granted: threading.Event = dataclasses.field(default_factory=threading.Event)
-
-
 def _round_name(value: int) -> str:
     # A client may send any int32 in an enum field; Round.Name raises on undefined ones.
     return pb.Round.Name(value) if value in pb.Round.values() else str(value)
@@ -200,11 +144,13 @@ class NCServicer(pb_grpc.NCServiceServicer):
         self,
         aggregator: Aggregator,
         metrics: ServiceMetrics,
+        guard: StreamGuard,
         max_shard_bytes: int,
         max_inflight_bytes: int,
     ) -> None:
         self._agg = aggregator
         self._metrics = metrics
+        self._guard = guard
         self._max_shard_bytes = max_shard_bytes
         self._budget = ByteBudget(max_inflight_bytes, aggregator.limits.step_deadline_s)
         self._means_lock = threading.Lock()
@@ -303,24 +249,36 @@ class NCServicer(pb_grpc.NCServiceServicer):
     def _push(
         self, request_iterator: Iterable[pb.ShardChunk], context: grpc.ServicerContext, round_: int
     ) -> pb.PushReply:
-        messages = iter(request_iterator)
         try:
-            header, run, declared = self._read_header(messages, round_)
-            limit = self._payload_limit(run, round_)
-            if declared is not None and declared > limit:
-                raise ResourceExhausted(
-                    f"header payload_bytes={declared} is over the {limit} bytes this service "
-                    f"takes in a round-{round_} push for K={run.num_classes}, "
-                    f"p={run.feature_dim}"
+            with self._guard.admit(context, timed=True) as stream:
+                messages = stream.messages(iter(request_iterator), time.monotonic)
+                header, run, declared = self._read_header(messages, round_)
+                # A rank has a push of each round in flight at most, and perhaps a retry of
+                # one whose reply was lost: three per rank is generous, and still bounded
+                # by the run's own size.
+                self._guard.claim_run(stream, run.run_id, 3 * run.world_size + 4)
+                limit = self._payload_limit(run, round_)
+                if declared is not None and declared > limit:
+                    raise ResourceExhausted(
+                        f"header payload_bytes={declared} is over the {limit} bytes this "
+                        f"service takes in a round-{round_} push for K={run.num_classes}, "
+                        f"p={run.feature_dim}"
+                    )
+                # Charged once the tensor bytes start to arrive (a header alone holds
+                # nothing) and held until the shard is merged: bounds the memory of decoded
+                # shards whatever the number of ranks pushing at once; the others wait in
+                # gRPC flow control. A sender that declares its size is charged that, not
+                # the most a push of the round can carry (W, which one rank sends, doubles
+                # a round-1 push). A push that stalls while charged is cut by the idle
+                # timeout, which releases the charge.
+                first = next(messages, None)
+                cost = (
+                    self._agg.expected_payload_bytes(run, round_) if declared is None else declared
                 )
-            # Held until the shard is merged: bounds the memory of decoded shards, whatever
-            # the number of ranks pushing at once; the others wait in gRPC flow control.
-            # A sender that declares its size is charged that, not the most a push of the
-            # round can carry (W, which one rank sends, doubles a round-1 push).
-            cost = self._agg.expected_payload_bytes(run, round_) if declared is None else declared
-            with self._budget.hold(cost, context.time_remaining()):
-                payload = self._read_payload(messages, header, limit, declared)
-                result = self._agg.push(payload)
+                with self._budget.hold(cost, context.time_remaining()):
+                    body = itertools.chain([] if first is None else [first], messages)
+                    payload = self._read_payload(body, header, limit, declared)
+                    result = self._agg.push(payload)
         except ServiceError as exc:
             self._metrics.shard_rejected(exc.reason)
             _abort(context, exc)
@@ -415,21 +373,21 @@ class NCServicer(pb_grpc.NCServiceServicer):
         """Stream the step's class means as TensorChunk messages, already serialized
         (see ``serialize_tensor_chunk``, this method's response serializer)."""
         remaining = context.time_remaining()
-        wait_s = self._agg.limits.step_deadline_s if remaining is None else max(remaining, 0.0)
+        # However long the client is willing to wait, the step closes by its deadline.
+        step_deadline = self._agg.limits.step_deadline_s
+        wait_s = step_deadline if remaining is None else min(max(remaining, 0.0), step_deadline)
         try:
-            means = self._agg.class_means(
-                request.run_id, request.step, request.rank, wait_s, context.is_active
-            )
-        except ServiceError as exc:
-            _abort(context, exc)
-        encoded = self._encoded_means(request.run_id, request.step, means)
-        assert encoded.messages is not None
-        # All ranks of a step are answered at once, when its round 1 completes, and each
-        # answer is a copy in gRPC until its client has read it: held in the in-flight
-        # budget, those copies stay bounded whatever the number of ranks.
-        try:
-            with self._budget.hold(encoded.payload_bytes, context.time_remaining()):
-                yield from encoded.messages
+            with self._guard.admit(context, timed=False):
+                means = self._agg.class_means(
+                    request.run_id, request.step, request.rank, wait_s, context.is_active
+                )
+                encoded = self._encoded_means(request.run_id, request.step, means)
+                assert encoded.messages is not None
+                # All ranks of a step are answered at once, when its round 1 completes, and
+                # each answer is a copy in gRPC until its client has read it: held in the
+                # in-flight budget, those copies stay bounded whatever the number of ranks.
+                with self._budget.hold(encoded.payload_bytes, context.time_remaining()):
+                    yield from encoded.messages
         except ServiceError as exc:
             _abort(context, exc)
 
@@ -519,15 +477,17 @@ class NCServicer(pb_grpc.NCServiceServicer):
         include = request.include_incomplete
         after = request.after_step if request.HasField("after_step") else None
         try:
-            backlog, last_id = self._agg.watch_backlog(request.run_id, after, include)
+            with self._guard.admit(context, timed=False):
+                backlog, last_id = self._agg.watch_backlog(request.run_id, after, include)
+                for record in backlog:
+                    yield measurement(record)
+                while context.is_active() and not self._agg.shutting_down:
+                    # Read the event counter before querying: a change in between is not
+                    # missed.
+                    seq = self._agg.event_seq
+                    for record in self._agg.measurements_after(request.run_id, last_id, include):
+                        last_id = max(last_id, record.id)
+                        yield measurement(record)
+                    self._agg.wait_for_change(seq, 1.0)
         except ServiceError as exc:
             _abort(context, exc)
-        for record in backlog:
-            yield measurement(record)
-        while context.is_active() and not self._agg.shutting_down:
-            # Read the event counter before querying, so a change in between is not missed.
-            seq = self._agg.event_seq
-            for record in self._agg.measurements_after(request.run_id, last_id, include):
-                last_id = max(last_id, record.id)
-                yield measurement(record)
-            self._agg.wait_for_change(seq, 1.0)

@@ -41,7 +41,7 @@ from ncserve.metrics import (
     round1_stats,
     round2_stats,
 )
-from ncserve.protocol import RUN_FAILED, RUN_FINISHED
+from ncserve.protocol import RUN_FAILED, RUN_FINISHED, RUN_ID_PATTERN, RUN_ID_RULE
 from ncserve.track.sinks import CSVSink, TensorBoardSink, require_tensorboard
 
 log = logging.getLogger(__name__)
@@ -188,6 +188,8 @@ class Tracker:
                 f"{self.classifier.out_features} outputs"
             )
         self.feature_dim = int(self.classifier.in_features)
+        if not RUN_ID_PATTERN.fullmatch(run_id):
+            raise TrackerError(f"run_id={run_id[:80]!r} is not valid: {RUN_ID_RULE}")
         self.run_id = run_id
         self.rank = int(rank if rank is not None else (dist.get_rank() if _is_initialized() else 0))
         self.world_size = int(
