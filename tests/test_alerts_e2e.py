@@ -161,8 +161,10 @@ def test_alerts_on_live_runs_with_a_real_prometheus(tmp_path: Path) -> None:
         env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1",
                "OMP_NUM_THREADS": "1"}  # fmt: skip
         for run_id, flags in RUNS.items():
+            # nc0 is logged every 2 steps: a dense series, so a slow epoch on a loaded
+            # machine still shows NC0's decay inside a scaled half-window.
             args = (
-                f"--nodes 1 --epochs {EPOCHS} --sidecar 127.0.0.1:{server.port} "
+                f"--nodes 1 --epochs {EPOCHS} --log-every 2 --sidecar 127.0.0.1:{server.port} "
                 f"--run-id {run_id} --run-dir {tmp_path / run_id} {flags}"
             )
             trainers[run_id] = subprocess.Popen(

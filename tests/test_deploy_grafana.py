@@ -44,9 +44,14 @@ def panels() -> list[dict[str, Any]]:
     return [p for p in dashboard()["panels"] if p["type"] != "row"]
 
 
+def annotations() -> dict[str, dict[str, Any]]:
+    return {a["name"]: a for a in dashboard()["annotations"]["list"]}
+
+
 def queries() -> list[tuple[str, str]]:
-    """(panel title, expression) of every query, the run variable's query included."""
+    """(panel title, expression) of every query, the run variable's and annotations' included."""
     found = [(p["title"], t["expr"]) for p in panels() for t in p.get("targets", [])]
+    found += [(f"annotation {a['name']}", a["expr"]) for a in annotations().values() if "expr" in a]
     for variable in dashboard()["templating"]["list"]:
         if variable["type"] == "query":
             match = re.fullmatch(r"label_values\((.+),\s*\w+\)", variable["query"])
@@ -130,7 +135,10 @@ def panel_exprs(title_part: str) -> list[str]:
 
 
 def test_training_panels() -> None:
-    assert any("ncserve_train_accuracy_ratio" in e for e in panel_exprs("accuracy"))
+    accuracy = panel_exprs("accuracy")
+    # The measurement split's accuracy is what the alerts' fitted gate reads.
+    assert accuracy[0] == 'ncserve_accuracy_ratio{run_id=~"$run_id"}'
+    assert any("ncserve_train_accuracy_ratio" in e for e in accuracy)
     assert any("ncserve_train_loss" in e for e in panel_exprs("loss"))
 
 
@@ -153,6 +161,51 @@ def test_run_table_shows_optimizer_and_hyperparameters() -> None:
         assert label in target["expr"], label
     (organize,) = table["transformations"]
     assert organize["id"] == "organize" and organize["options"]["excludeByName"]["Value"] is True
+
+
+def test_run_state_timeline() -> None:
+    (panel,) = [p for p in panels() if p["type"] == "state-timeline"]
+    (target,) = panel["targets"]
+    expr = target["expr"]
+    (mapping,) = panel["fieldConfig"]["defaults"]["mappings"]
+    states = {int(code): m["text"] for code, m in mapping["options"].items()}
+    assert set(states.values()) == {"running", "finished", "failed", "abandoned"}
+    for code, state in states.items():
+        # One number per state: the current state's series is 1, the others 0.
+        assert (
+            f'{code} * sum by (run_id) (ncserve_run_state{{run_id=~"$run_id",state="{state}"}})'
+            in expr
+        )
+    assert target["legendFormat"] == "{{run_id}}"
+    assert "ncserve_run_live" in panel["description"]
+
+
+def test_alert_annotations_on_the_nc_panels() -> None:
+    annotation = annotations()["Neural Collapse alerts"]
+    assert annotation["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
+    assert annotation["enable"] and not annotation["hide"]
+    expr = annotation["expr"]
+    assert expr.startswith("ALERTS{") and 'alertname=~"NeuralCollapse.*"' in expr
+    assert 'alertstate="firing"' in expr and 'run_id=~"$run_id"' in expr
+    assert annotation["titleFormat"] == "{{alertname}}" and "{{run_id}}" in annotation["textFormat"]
+    nc_ids = {p["id"] for p in panels() if re.match(r"NC\d", p["title"])}
+    assert len(nc_ids) == 6 and set(annotation["filter"]["ids"]) == nc_ids
+    assert annotation["filter"]["exclude"] is False
+    rules = yaml.safe_load((REPO / "deploy" / "prometheus" / "ncserve.rules.yml").read_text())
+    alert_names = {r["alert"] for g in rules["groups"] for r in g["rules"]}
+    assert {n for n in alert_names if n.startswith("NeuralCollapse")} == {
+        "NeuralCollapseOnset",
+        "NeuralCollapseBlocked",
+    }
+    assert annotations()["Annotations & Alerts"]["builtIn"] == 1
+
+
+def test_panel_ids_of_the_first_release_are_kept() -> None:
+    """Links with viewPanel=N stay valid: new panels take pinned ids."""
+    ids = {p["title"]: p["id"] for p in panels()}
+    assert ids["NC0: norm of the sum of classifier rows"] == 2
+    assert ids["Accuracy"] == 9 and ids["Runs"] == 13 and ids["Bytes received per second"] == 21
+    assert ids["Run state"] == 101
 
 
 def test_service_health_panels() -> None:

@@ -472,28 +472,65 @@ def test_prometheus_rule_thresholds_come_from_values() -> None:
     docs = render("gpu-values.yaml")
     rules = rule_by_alert(one(docs, "PrometheusRule")["spec"])
     onset = rules["NeuralCollapseOnset"]
-    assert "ncserve_nc1 < 0.05" in onset["expr"] and "ncserve_nc3 < 0.3" in onset["expr"]
-    assert onset["for"] == "30m"
+    # The default thresholds, over the 2h window a GPU run's slow epochs need.
+    assert "ncserve_nc1 < 0.5" in onset["expr"] and "ncserve_nc3 < 0.5" in onset["expr"]
+    assert "max_over_time(ncserve_accuracy_ratio[2h]) >= 0.99" in onset["expr"]
+    assert (
+        "avg_over_time(ncserve_nc0[1h]) < 0.95 * avg_over_time(ncserve_nc0[1h] offset 1h)"
+        in (onset["expr"])
+    )
+    assert onset["for"] == "30m" and "keep_firing_for" not in onset
     blocked = rules["NeuralCollapseBlocked"]
-    assert "deriv(ncserve_nc0[2h])" in blocked["expr"] and blocked["for"] == "1h"
+    # A 2h window: the accuracy gate and the "rose" clause look back 2h, the NC0 trend
+    # compares its two 1h halves.
+    for text in (
+        "max_over_time(ncserve_accuracy_ratio[2h]) >= 0.99",
+        "avg_over_time(ncserve_nc0[1h]) >= 0.99 * avg_over_time(ncserve_nc0[1h] offset 1h)",
+        "resets(ncserve_nc0[2h]) < changes(ncserve_nc0[2h])",
+    ):
+        assert text in blocked["expr"], text
+    assert blocked["for"] == "1h" and "keep_firing_for" not in blocked
     for rule in rules.values():
         assert rule["labels"]["team"] == "ml-research"
         assert rule["labels"]["severity"]  # the rule's own labels stay
     docs = render_set(
         "alerts.trainAccuracyAtLeast=0.995",
+        "alerts.onset.window=15m",
+        "alerts.onset.keepFiringFor=5m",
         "alerts.blocked.nc0NormalizedAbove=0.2",
+        "alerts.blocked.window=45m",
+        "alerts.blocked.keepFiringFor=20m",
         "alerts.stepsIncomplete.window=1h",
         "alerts.stepsIncomplete.for=10m",
         "alerts.down.jobRegex=ml/ncserve.*",
         "alerts.down.for=0m",
     )
     rules = rule_by_alert(one(docs, "PrometheusRule")["spec"])
-    assert rules["NeuralCollapseOnset"]["expr"].count("ncserve_train_accuracy_ratio >= 0.995") == 1
-    assert "ncserve_nc0_normalized > 0.2" in rules["NeuralCollapseBlocked"]["expr"]
+    onset, blocked = rules["NeuralCollapseOnset"]["expr"], rules["NeuralCollapseBlocked"]["expr"]
+    assert onset.count("ncserve_accuracy_ratio[15m]) >= 0.995") == 1
+    # Replaced texts are never replaced again: the new [15m] window stays, its half is 450s.
+    assert (
+        "avg_over_time(ncserve_nc0[450s]) < 0.95 * avg_over_time(ncserve_nc0[450s] offset 450s)"
+        in onset
+    )
+    assert rules["NeuralCollapseOnset"]["keep_firing_for"] == "5m"
+    assert "ncserve_nc0_normalized > 0.2" in blocked
+    assert "ncserve_accuracy_ratio[45m]) >= 0.995" in blocked
+    assert (
+        "avg_over_time(ncserve_nc0[1350s]) >= 0.99 * avg_over_time(ncserve_nc0[1350s] offset 1350s)"
+        in blocked
+    )
+    assert "resets(ncserve_nc0[45m]) < changes(ncserve_nc0[45m])" in blocked
+    assert rules["NeuralCollapseBlocked"]["keep_firing_for"] == "20m"
     assert "ncserve_steps_incomplete_total[1h]" in rules["NCServeStepsIncomplete"]["expr"]
     assert rules["NCServeStepsIncomplete"]["for"] == "10m"
     assert rules["NCServeDown"]["expr"].count('job=~"ml/ncserve.*"') == 2
     assert "for" not in rules["NCServeDown"]
+
+
+def test_alert_window_must_halve() -> None:
+    code, _, err = helm_template("--set", "alerts.blocked.window=1ms")
+    assert code != 0 and "alerts.blocked.window" in err, err
 
 
 @pytest.mark.parametrize("values_file", ["default-values.yaml", "gpu-values.yaml"])

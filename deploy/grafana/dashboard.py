@@ -7,8 +7,9 @@
 Every query uses only metric names from the exporter contract (docs/CONTRACTS.md);
 tests/test_deploy_grafana.py parses each expression with promtool and checks the names.
 The panels follow the paper's reading order: NC0 (is weight decay shrinking the row sum
-of W?), then NC1..NC4, then training progress, the runs being compared, and the health
-of the service that measures them.
+of W?), then NC1..NC4, then training progress, the runs being compared (and whether each
+is still running), and the health of the service that measures them. The Neural Collapse
+alerts (deploy/prometheus/ncserve.rules.yml) appear as annotations on the NC panels.
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from grafana_foundation_sdk.builders import common as common_builders
 from grafana_foundation_sdk.builders import dashboard as dashboard_builders
 from grafana_foundation_sdk.builders import prometheus as prometheus_builders
-from grafana_foundation_sdk.builders import table, timeseries
+from grafana_foundation_sdk.builders import statetimeline, table, timeseries
 from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models import common
 from grafana_foundation_sdk.models import dashboard as dashboard_models
@@ -35,6 +37,24 @@ DASHBOARD_UID = "ncserve-neural-collapse"
 DATASOURCE = dashboard_models.DataSourceRef(type_val="prometheus", uid="${datasource}")
 RUN = 'run_id=~"$run_id"'
 PER_RUN_LEGEND = "{{run_id}} ({{optimizer}})"
+# ncserve_run_state{state} is 1 for a run's current state: one number per state.
+RUN_STATES = [
+    ("running", "green"),
+    ("finished", "blue"),
+    ("failed", "red"),
+    ("abandoned", "orange"),
+]
+ALERT_ANNOTATION = "Neural Collapse alerts"
+ALERTS_EXPR = f'ALERTS{{alertname=~"NeuralCollapse.*",alertstate="firing",{RUN}}}'
+PROMETHEUS_ANNOTATION = {
+    "step": "1m",
+    "titleFormat": "{{alertname}}",
+    "textFormat": "{{run_id}} ({{optimizer}}), {{severity}}",
+    "tagKeys": "alertname,run_id,optimizer,severity",
+    "useValueForTime": False,
+}
+# Ids of panels added after the first release (the older panels keep theirs).
+PINNED_IDS = {"run state": 101}
 
 
 def prom(
@@ -179,10 +199,18 @@ def training_panels() -> list[timeseries.Panel]:
         (
             series_panel(
                 "Accuracy",
-                "Train accuracy (the terminal phase of training starts when it reaches 1) and "
-                "held-out accuracy when the run measures a held-out split.",
+                "Accuracy on the measurement split (a balanced subset of the training set) at "
+                "each measurement: the alerts' fitted gate (0.99, the paper's cut for the "
+                "terminal phase of training). Also the running train accuracy of the last "
+                "logged steps (partial epochs, noisier) and held-out accuracy when the run "
+                "measures a held-out split.",
                 [
-                    per_run("ncserve_train_accuracy_ratio", "{{run_id}} ({{optimizer}}) train"),
+                    per_run(
+                        "ncserve_accuracy_ratio", "{{run_id}} ({{optimizer}}) measurement split"
+                    ),
+                    per_run(
+                        "ncserve_train_accuracy_ratio", "{{run_id}} ({{optimizer}}) train (running)"
+                    ),
                     per_run(
                         "ncserve_holdout_accuracy_ratio", "{{run_id}} ({{optimizer}}) held-out"
                     ),
@@ -213,6 +241,44 @@ def training_panels() -> list[timeseries.Panel]:
             )
         ),
     ]
+
+
+def run_state_panel() -> statetimeline.Panel:
+    """Each run's state over time (running, finished, failed, abandoned)."""
+    expr = "\n+ ".join(
+        f'{code} * sum by (run_id) (ncserve_run_state{{{RUN},state="{state}"}})'
+        for code, (state, _) in enumerate(RUN_STATES, start=1)
+    )
+    mapping = dashboard_models.ValueMap(
+        options={
+            str(code): dashboard_models.ValueMappingResult(text=state, color=color, index=code - 1)
+            for code, (state, color) in enumerate(RUN_STATES, start=1)
+        }
+    )
+    return (
+        statetimeline.Panel()
+        .title("Run state")
+        .description(
+            "Each run's state from ncserve_run_state: running, then finished, failed or "
+            "abandoned (a run that stopped reporting). Alerts only fire for running runs "
+            "(ncserve_run_live == 1); an ended run's series disappear after a grace period."
+        )
+        .datasource(DATASOURCE)
+        .span(24)
+        .height(5)
+        .with_target(prom(expr, "{{run_id}}"))
+        .mappings([mapping])
+        .show_value(common.VisibilityMode.NEVER)
+        .merge_values(True)
+        .row_height(0.8)
+        .fill_opacity(80)
+        .legend(
+            common_builders.VizLegendOptions()
+            .display_mode(common.LegendDisplayMode.LIST)
+            .placement(common.LegendPlacement.BOTTOM)
+            .show_legend(False)
+        )
+    )
 
 
 def runs_table() -> table.Panel:
@@ -360,10 +426,11 @@ def service_panels() -> list[timeseries.Panel]:
         (
             series_panel(
                 "Open steps and runs",
-                "Steps with shards in flight (not yet finalized) and runs held by the service.",
+                "Steps with shards in flight (not yet finalized) and runs held by the service, "
+                "by state.",
                 [
                     prom("sum(ncserve_open_steps)", "open steps"),
-                    prom("sum(ncserve_runs)", "runs"),
+                    prom("sum by (state) (ncserve_runs)", "runs {{state}}"),
                 ],
                 log_scale=False,
                 width=6,
@@ -417,29 +484,71 @@ def build() -> dashboard_models.Dashboard:
             .current(dashboard_models.VariableOption(selected=True, text="All", value="$__all"))
         )
     )
-    sections: list[tuple[str, list[timeseries.Panel] | list[table.Panel]]] = [
+    nc_panels = neural_collapse_panels()
+    sections: list[tuple[str, list[Any]]] = [
         (
             "Neural Collapse (latest measurement per run; log scale, lower is more collapsed)",
-            neural_collapse_panels(),
+            nc_panels,
         ),
         ("Training", training_panels()),
-        ("Runs", [runs_table()]),
+        ("Runs", [(run_state_panel(), PINNED_IDS["run state"]), runs_table()]),
         ("ncserve service health", service_panels()),
     ]
     # Expanded rows are separators; their panels follow them at the top level. Stable ids
-    # keep links to single panels (viewPanel=N) valid across regenerations.
+    # keep links to single panels (viewPanel=N) valid across regenerations: panels added
+    # later take a pinned id, so that the older ones keep theirs.
     panel_id = 0
+    nc_ids: list[int] = []
     for title, panels in sections:
         panel_id += 1
         board = board.with_row(dashboard_builders.Row(title).id(panel_id))
-        for panel in panels:
+        for entry in panels:
+            if isinstance(entry, tuple):
+                panel, pinned = entry
+                board = board.with_panel(panel.id(pinned))
+                continue
             panel_id += 1
-            board = board.with_panel(panel.id(panel_id))
-    return board.build()
+            board = board.with_panel(entry.id(panel_id))
+            if entry in nc_panels:
+                nc_ids.append(panel_id)
+    return board.annotations([builtin_annotation(), alert_annotation(nc_ids)]).build()
+
+
+def builtin_annotation() -> dashboard_builders.AnnotationQuery:
+    """Grafana's own annotations and alerts (what Grafana adds to every dashboard)."""
+    return (
+        dashboard_builders.AnnotationQuery()
+        .name("Annotations & Alerts")
+        .datasource(dashboard_models.DataSourceRef(type_val="grafana", uid="-- Grafana --"))
+        .enable(True)
+        .hide(True)
+        .icon_color("rgba(0, 211, 255, 1)")
+        .type("dashboard")
+        .built_in(1)
+    )
+
+
+def alert_annotation(panel_ids: list[int]) -> dashboard_builders.AnnotationQuery:
+    """Firing Neural Collapse alerts (Prometheus' ALERTS series) marked on the NC panels."""
+    return (
+        dashboard_builders.AnnotationQuery()
+        .name(ALERT_ANNOTATION)
+        .datasource(DATASOURCE)
+        .enable(True)
+        .hide(False)
+        .icon_color("orange")
+        .expr(ALERTS_EXPR)
+        .filter(dashboard_builders.AnnotationPanelFilter().exclude(False).ids(panel_ids))
+    )
 
 
 def render() -> str:
-    return json.dumps(build(), cls=JSONEncoder, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+    board = json.loads(json.dumps(build(), cls=JSONEncoder))
+    # The SDK's annotation model lacks the Prometheus data source's own fields.
+    for annotation in board["annotations"]["list"]:
+        if annotation["name"] == ALERT_ANNOTATION:
+            annotation.update(PROMETHEUS_ANNOTATION)
+    return json.dumps(board, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
