@@ -316,3 +316,56 @@ def test_cli_token_and_mutual_tls(tmp_path: Path) -> None:
         assert "nope" not in bad.output  # a token is never echoed back
     finally:
         handle.stop(0)
+
+
+def test_ranks_leave_buffer_mode_as_soon_as_the_service_is_back(tmp_path: Path) -> None:
+    """Two ranks measure every 0.3 s. The service is down for three steps, so both buffer
+    (and compute the means among themselves); once it is back, each rank's buffer drains in
+    order, promptly, and the following steps get their means from the service again,
+    instead of staying behind a replay that waits out its backoff on every step."""
+    port = free_port()
+    shards = [dataset(seed=s)[:2] for s in range(2)]
+    w, b = dataset()[2:]
+    r1s = [round1_stats(h, y, K) for h, y in shards]
+    local_means = r1s[0].merge(r1s[1]).class_means()
+    clients = [
+        NCClient(f"127.0.0.1:{port}", deadline_s=1.0, spill_dir=tmp_path / f"r{r}")
+        for r in range(2)
+    ]
+    barrier = threading.Barrier(2)
+    served: dict[int, list[bool]] = {0: [], 1: []}
+    handle = None
+
+    def rank(r: int) -> None:
+        c = clients[r]
+        c.register_run("run", K, P, 2)
+        h, y = shards[r]
+        for step in range(12):
+            barrier.wait()
+            c.push_round1("run", step, r, r1s[r], *((w, b) if r == 0 else (None, None)))
+            means = c.fetch_class_means("run", step, timeout_s=1.0, rank=r)
+            served[r].append(means is not None)
+            c.push_round2("run", step, r, round2_stats(h, y, means or local_means, w, b))
+            time.sleep(0.3)
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
+    try:
+        for t in threads:
+            t.start()
+        time.sleep(1.5)  # about three steps without a service
+        handle = serve(tmp_path / "ncserve.db", port)
+        for t in threads:
+            t.join(timeout=120)
+        for c in clients:
+            report = c.flush(timeout_s=20.0)
+            assert report.complete, report.summary()
+        rows = clients[0].get_metrics("run", all_steps=True)
+        assert [r["step"] for r in rows] == list(range(12))
+        for r in range(2):
+            # Within a few steps of the service's return, its means reach the ranks again.
+            assert all(served[r][-5:]), served
+    finally:
+        for c in clients:
+            c.close(timeout_s=0)
+        if handle is not None:
+            handle.stop(0)

@@ -678,9 +678,18 @@ class NCClient:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or self._stop.is_set():
                 return False
-            time.sleep(min(self._retry.backoff_s(attempt), remaining))
-            attempt += 1
+            time.sleep(min(self._pause_after_failed_drain(attempt), remaining))
+            attempt = 0 if not self._down.is_set() else attempt + 1
         return True
+
+    def _pause_after_failed_drain(self, attempt: int) -> float:
+        """How long to wait before draining again. While the service is down: the backoff.
+        While it answers and the oldest call waits for other ranks' round 1 (which their own
+        clients are replaying right now): a short poll, so the buffer empties as soon as
+        they deliver and new calls stop queueing behind it."""
+        if self._down.is_set():
+            return self._retry.backoff_s(attempt)
+        return self._retry.initial_backoff_s
 
     def _enqueue(self, call: _Call) -> None:
         self._buffer.append(call.key, call.payload())
@@ -856,8 +865,8 @@ class NCClient:
             if self._drain(time.monotonic() + self.deadline_s):
                 attempt = 0
                 continue
-            self._stop.wait(self._retry.backoff_s(attempt))
-            attempt += 1
+            self._stop.wait(self._pause_after_failed_drain(attempt))
+            attempt = 0 if not self._down.is_set() else attempt + 1
 
     def _query(self, method: str, rpc: Callable[..., T], request: Any) -> T:
         self._check_open()

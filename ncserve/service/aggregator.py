@@ -695,16 +695,18 @@ class Aggregator:
         if not accepted:
             return
         base = merged.copy()
-        for item in accepted:
-            assert item.stats1 is not None
-            merged.merge_in_place(item.stats1)
+        with np.errstate(over="ignore"):  # an overflow is refused below, by name
+            for item in accepted:
+                assert item.stats1 is not None
+                merged.merge_in_place(item.stats1)
         if not _round1_sound(merged):
             # Some shard takes the merged sums past float64 (or the counts past int64):
             # merge again one by one and refuse the shards that do.
             merged, kept = base, []
             for item in accepted:
                 assert item.stats1 is not None
-                trial = merged.merge(item.stats1)
+                with np.errstate(over="ignore"):
+                    trial = merged.merge(item.stats1)
                 if _round1_sound(trial):
                     merged = trial
                     kept.append(item)

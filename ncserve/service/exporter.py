@@ -17,18 +17,18 @@ class; run metadata becomes labels only from a short allow-list, each value capp
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import math
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from socketserver import ThreadingMixIn
 from typing import TYPE_CHECKING
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -364,32 +364,119 @@ class _Collector(Collector):
         return self._metrics.collect()
 
 
-class _ExporterServer(ThreadingMixIn, WSGIServer):
-    daemon_threads = True
+class MetricsServer:
+    """``/metrics`` over HTTP/1.x on an asyncio event loop in one daemon thread.
 
+    Idle or slow connections cost no thread: each has a few seconds to send its request
+    line and headers (at most 16 KiB). At most ``max_connections`` are open at once: a new
+    one closes the oldest that has not sent its request yet, so a flood of idle sockets
+    cannot keep a scraper out (its request follows its connect at once). The exposition is
+    built in a small thread pool, so a scrape never waits behind another client's socket.
+    """
 
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:
-        """Scrapes are too frequent to log."""
+    REQUEST_TIMEOUT_S = 5.0
+    MAX_REQUEST_BYTES = 16 << 10
+
+    def __init__(
+        self, registry: CollectorRegistry, host: str, port: int, max_connections: int = 256
+    ) -> None:
+        self._registry = registry
+        self._max_connections = max_connections
+        self._open = 0
+        # Connections that have not sent their request yet, oldest first (loop thread only).
+        self._waiting: dict[asyncio.StreamWriter, None] = {}
+        self._loop = asyncio.new_event_loop()
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ncserve-exporter")
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._socket = socket.socket(family, socket.SOCK_STREAM)
+        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            self._socket.bind((host.strip("[]"), port))
+        except OSError:
+            self._socket.close()
+            raise
+        self._socket.listen(128)
+        self._socket.setblocking(False)
+        self.server_port = int(self._socket.getsockname()[1])
+        started = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, args=(started,), name="ncserve-exporter", daemon=True
+        )
+        self._thread.start()
+        started.wait()
+
+    def _run(self, started: threading.Event) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._server = self._loop.run_until_complete(
+            asyncio.start_server(self._serve, sock=self._socket, limit=self.MAX_REQUEST_BYTES)
+        )
+        started.set()
+        self._loop.run_forever()
+        self._server.close()
+        self._loop.run_until_complete(self._server.wait_closed())
+        self._loop.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._open >= self._max_connections:
+            if not self._waiting:
+                writer.close()
+                return
+            oldest = next(iter(self._waiting))
+            del self._waiting[oldest]
+            oldest.transport.abort()
+        self._open += 1
+        self._waiting[writer] = None
+        try:
+            status, body, kind = await self._answer(reader, writer)
+            head = (
+                f"HTTP/1.1 {status}\r\nContent-Type: {kind}\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+            )
+            writer.write(head.encode("latin-1") + body)
+            await asyncio.wait_for(writer.drain(), self.REQUEST_TIMEOUT_S)
+        except (
+            TimeoutError,
+            asyncio.TimeoutError,
+            OSError,
+            asyncio.IncompleteReadError,
+            asyncio.LimitOverrunError,
+        ):
+            pass  # a slow, silent or oversized client: drop it
+        finally:
+            self._open -= 1
+            self._waiting.pop(writer, None)
+            writer.close()
+
+    async def _answer(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> tuple[str, bytes, str]:
+        try:
+            request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self.REQUEST_TIMEOUT_S)
+        finally:
+            self._waiting.pop(writer, None)
+        line = request.split(b"\r\n", 1)[0].decode("latin-1")
+        method, _, rest = line.partition(" ")
+        path = rest.partition(" ")[0].split("?", 1)[0]
+        if method not in ("GET", "HEAD"):
+            return "405 Method Not Allowed", b"only GET\n", "text/plain"
+        if path not in ("/metrics", "/"):
+            return "404 Not Found", b"see /metrics\n", "text/plain"
+        body = await self._loop.run_in_executor(self._pool, generate_latest, self._registry)
+        return "200 OK", b"" if method == "HEAD" else body, CONTENT_TYPE_LATEST
+
+    def shutdown(self) -> None:
+        if self._loop.is_running():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        self._pool.shutdown(wait=False)
+
+    def server_close(self) -> None:
+        self._socket.close()
 
 
 def start_exporter(
     registry: CollectorRegistry, host: str, port: int
-) -> tuple[WSGIServer, threading.Thread]:
+) -> tuple[MetricsServer, threading.Thread]:
     """Serve ``/metrics`` from ``registry`` on host:port (0 = OS-picked) in a daemon thread."""
-
-    class Server(_ExporterServer):
-        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
-
-    httpd = make_server(
-        host.strip("[]"), port, make_wsgi_app(registry), Server, handler_class=_QuietHandler
-    )
-    # A short poll interval so shutdown() (on server stop) returns promptly.
-    thread = threading.Thread(
-        target=httpd.serve_forever,
-        kwargs={"poll_interval": 0.05},
-        name="ncserve-exporter",
-        daemon=True,
-    )
-    thread.start()
-    return httpd, thread
+    server = MetricsServer(registry, host, port)
+    return server, server._thread
