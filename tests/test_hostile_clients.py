@@ -143,6 +143,14 @@ def stalled_push(stub, hdr: pb.ShardHeader, release: threading.Event, first_chun
     return stub.PushRound1.future(messages(), timeout=60)
 
 
+def wait_until(condition, what: str, timeout_s: float = 15.0) -> None:
+    """Poll ``condition`` (a state another thread changes) until true, bounded."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for: {what}"
+        time.sleep(0.05)
+
+
 def code(future) -> grpc.StatusCode:
     try:
         future.result(timeout=30)
@@ -173,7 +181,7 @@ def test_stalled_push_streams_do_not_freeze_the_service(tmp_path: Path) -> None:
             # The stalled ones are cut by the idle timeout: their threads come back.
             outcomes = {code(c) for c in calls}
             assert outcomes <= {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}
-            assert s.handle.guard.open_streams() == 0
+            wait_until(lambda: s.handle.guard.open_streams() == 0, "stream slots freed")
         finally:
             release.set()
 

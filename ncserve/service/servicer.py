@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
+import inspect
 import itertools
 import logging
 import threading
 import time
-from collections.abc import Iterable, Iterator
-from typing import NoReturn
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, NoReturn, TypeVar, cast
 
 import grpc
 
@@ -38,6 +40,42 @@ log = logging.getLogger(__name__)
 
 _NC_INT_FIELDS = {"num_samples", "num_classes", "feature_dim", "holdout_num_samples"}
 _MEANS_CACHE_ENTRIES = 4
+
+
+Handler = TypeVar("Handler", bound=Callable[..., Any])
+
+
+def _status_from_errors(method: Handler) -> Handler:
+    """The one place where a domain error becomes its gRPC status: the handler raises
+    ``ServiceError``; this aborts the call with the error's status and message (and counts
+    a refused push by its reason)."""
+    name = method.__name__
+    counts_rejections = name.startswith("Push")
+
+    def fail(self: NCServicer, context: grpc.ServicerContext, exc: ServiceError) -> NoReturn:
+        if counts_rejections:
+            self._metrics.shard_rejected(exc.reason)
+        _abort(context, exc)
+
+    if inspect.isgeneratorfunction(method):
+
+        @functools.wraps(method)
+        def streaming(self: NCServicer, request: Any, context: grpc.ServicerContext) -> Any:
+            try:
+                yield from method(self, request, context)
+            except ServiceError as exc:
+                fail(self, context, exc)
+
+        return cast(Handler, streaming)
+
+    @functools.wraps(method)
+    def unary(self: NCServicer, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return method(self, request, context)
+        except ServiceError as exc:
+            fail(self, context, exc)
+
+    return cast(Handler, unary)
 
 
 def _abort(context: grpc.ServicerContext, exc: ServiceError) -> NoReturn:
@@ -161,30 +199,26 @@ class NCServicer(pb_grpc.NCServiceServicer):
 
     # -- runs --------------------------------------------------------------------------------
 
+    @_status_from_errors
     def RegisterRun(
         self, request: pb.RegisterRunRequest, context: grpc.ServicerContext
     ) -> pb.RegisterRunReply:
-        try:
-            created, run = self._agg.register_run(
-                request.run_id,
-                request.num_classes,
-                request.feature_dim,
-                request.world_size,
-                dict(request.metadata),
-            )
-            view = self._agg.run_view(run.run_id)
-        except ServiceError as exc:
-            _abort(context, exc)
+        created, run = self._agg.register_run(
+            request.run_id,
+            request.num_classes,
+            request.feature_dim,
+            request.world_size,
+            dict(request.metadata),
+        )
+        view = self._agg.run_view(run.run_id)
         return pb.RegisterRunReply(created=created, run=run_info(view))
 
+    @_status_from_errors
     def ListRuns(
         self, request: pb.ListRunsRequest, context: grpc.ServicerContext
     ) -> pb.ListRunsReply:
-        try:
-            states = [_state_name(v, "states") for v in request.states]
-            views, more = self._agg.list_runs_page(request.page_size, request.page_token, states)
-        except ServiceError as exc:
-            _abort(context, exc)
+        states = [_state_name(v, "states") for v in request.states]
+        views, more = self._agg.list_runs_page(request.page_size, request.page_token, states)
         reply = pb.ListRunsReply()
         size = 0
         for index, view in enumerate(views):
@@ -199,48 +233,42 @@ class NCServicer(pb_grpc.NCServiceServicer):
             reply.next_page_token = self._agg.runs.next_token(last, states)
         return reply
 
+    @_status_from_errors
     def FinishRun(self, request: pb.FinishRunRequest, context: grpc.ServicerContext) -> pb.RunInfo:
-        try:
-            state = _state_name(request.state, "state")
-            view = self._agg.finish_run(request.run_id, state, request.reason)
-        except ServiceError as exc:
-            _abort(context, exc)
+        state = _state_name(request.state, "state")
+        view = self._agg.finish_run(request.run_id, state, request.reason)
         return run_info(view)
 
+    @_status_from_errors
     def Heartbeat(
         self, request: pb.HeartbeatRequest, context: grpc.ServicerContext
     ) -> pb.HeartbeatReply:
-        try:
-            run = self._agg.heartbeat(request.run_id)
-        except ServiceError as exc:
-            _abort(context, exc)
+        run = self._agg.heartbeat(request.run_id)
         return pb.HeartbeatReply(state=RUN_STATE_VALUES[run.state])
 
+    @_status_from_errors
     def DeleteRun(
         self, request: pb.DeleteRunRequest, context: grpc.ServicerContext
     ) -> pb.DeleteRunReply:
-        try:
-            measurements, scalar_steps = self._agg.delete_run(request.run_id)
-        except ServiceError as exc:
-            _abort(context, exc)
+        measurements, scalar_steps = self._agg.delete_run(request.run_id)
         with self._means_lock:
             for key in [k for k in self._means_cache if k[0] == request.run_id]:
                 del self._means_cache[key]
         return pb.DeleteRunReply(num_measurements=measurements, num_scalar_steps=scalar_steps)
 
+    @_status_from_errors
     def GetRun(self, request: pb.GetRunRequest, context: grpc.ServicerContext) -> pb.RunInfo:
-        try:
-            return run_info(self._agg.run_view(request.run_id))
-        except ServiceError as exc:
-            _abort(context, exc)
+        return run_info(self._agg.run_view(request.run_id))
 
     # -- pushes ------------------------------------------------------------------------------
 
+    @_status_from_errors
     def PushRound1(
         self, request_iterator: Iterable[pb.ShardChunk], context: grpc.ServicerContext
     ) -> pb.PushReply:
         return self._push(request_iterator, context, pb.ROUND_1)
 
+    @_status_from_errors
     def PushRound2(
         self, request_iterator: Iterable[pb.ShardChunk], context: grpc.ServicerContext
     ) -> pb.PushReply:
@@ -249,39 +277,33 @@ class NCServicer(pb_grpc.NCServiceServicer):
     def _push(
         self, request_iterator: Iterable[pb.ShardChunk], context: grpc.ServicerContext, round_: int
     ) -> pb.PushReply:
-        try:
-            with self._guard.admit(context, timed=True) as stream:
-                messages = stream.messages(iter(request_iterator), time.monotonic)
-                header, run, declared = self._read_header(messages, round_)
-                # A rank has a push of each round in flight at most, and perhaps a retry of
-                # one whose reply was lost: three per rank is generous, and still bounded
-                # by the run's own size.
-                self._guard.claim_run(stream, run.run_id, 3 * run.world_size + 4)
-                limit = self._payload_limit(run, round_)
-                if declared is not None and declared > limit:
-                    raise ResourceExhausted(
-                        f"header payload_bytes={declared} is over the {limit} bytes this "
-                        f"service takes in a round-{round_} push for K={run.num_classes}, "
-                        f"p={run.feature_dim}"
-                    )
-                # Charged once the tensor bytes start to arrive (a header alone holds
-                # nothing) and held until the shard is merged: bounds the memory of decoded
-                # shards whatever the number of ranks pushing at once; the others wait in
-                # gRPC flow control. A sender that declares its size is charged that, not
-                # the most a push of the round can carry (W, which one rank sends, doubles
-                # a round-1 push). A push that stalls while charged is cut by the idle
-                # timeout, which releases the charge.
-                first = next(messages, None)
-                cost = (
-                    self._agg.expected_payload_bytes(run, round_) if declared is None else declared
+        with self._guard.admit(context, timed=True) as stream:
+            messages = stream.messages(iter(request_iterator), time.monotonic)
+            header, run, declared = self._read_header(messages, round_)
+            # A rank has a push of each round in flight at most, and perhaps a retry of
+            # one whose reply was lost: three per rank is generous, and still bounded
+            # by the run's own size.
+            self._guard.claim_run(stream, run.run_id, 3 * run.world_size + 4)
+            limit = self._payload_limit(run, round_)
+            if declared is not None and declared > limit:
+                raise ResourceExhausted(
+                    f"header payload_bytes={declared} is over the {limit} bytes this "
+                    f"service takes in a round-{round_} push for K={run.num_classes}, "
+                    f"p={run.feature_dim}"
                 )
-                with self._budget.hold(cost, context.time_remaining()):
-                    body = itertools.chain([] if first is None else [first], messages)
-                    payload = self._read_payload(body, header, limit, declared)
-                    result = self._agg.push(payload)
-        except ServiceError as exc:
-            self._metrics.shard_rejected(exc.reason)
-            _abort(context, exc)
+            # Charged once the tensor bytes start to arrive (a header alone holds
+            # nothing) and held until the shard is merged: bounds the memory of decoded
+            # shards whatever the number of ranks pushing at once; the others wait in
+            # gRPC flow control. A sender that declares its size is charged that, not
+            # the most a push of the round can carry (W, which one rank sends, doubles
+            # a round-1 push). A push that stalls while charged is cut by the idle
+            # timeout, which releases the charge.
+            first = next(messages, None)
+            cost = self._agg.expected_payload_bytes(run, round_) if declared is None else declared
+            with self._budget.hold(cost, context.time_remaining()):
+                body = itertools.chain([] if first is None else [first], messages)
+                payload = self._read_payload(body, header, limit, declared)
+                result = self._agg.push(payload)
         return _push_reply(result)
 
     def _read_header(
@@ -367,6 +389,7 @@ class NCServicer(pb_grpc.NCServiceServicer):
 
     # -- class means -------------------------------------------------------------------------
 
+    @_status_from_errors
     def FetchClassMeans(
         self, request: pb.ClassMeansRequest, context: grpc.ServicerContext
     ) -> Iterator[bytes]:
@@ -376,20 +399,17 @@ class NCServicer(pb_grpc.NCServiceServicer):
         # However long the client is willing to wait, the step closes by its deadline.
         step_deadline = self._agg.limits.step_deadline_s
         wait_s = step_deadline if remaining is None else min(max(remaining, 0.0), step_deadline)
-        try:
-            with self._guard.admit(context, timed=False):
-                means = self._agg.class_means(
-                    request.run_id, request.step, request.rank, wait_s, context.is_active
-                )
-                encoded = self._encoded_means(request.run_id, request.step, means)
-                assert encoded.messages is not None
-                # All ranks of a step are answered at once, when its round 1 completes, and
-                # each answer is a copy in gRPC until its client has read it: held in the
-                # in-flight budget, those copies stay bounded whatever the number of ranks.
-                with self._budget.hold(encoded.payload_bytes, context.time_remaining()):
-                    yield from encoded.messages
-        except ServiceError as exc:
-            _abort(context, exc)
+        with self._guard.admit(context, timed=False):
+            means = self._agg.class_means(
+                request.run_id, request.step, request.rank, wait_s, context.is_active
+            )
+            encoded = self._encoded_means(request.run_id, request.step, means)
+            assert encoded.messages is not None
+            # All ranks of a step are answered at once, when its round 1 completes, and
+            # each answer is a copy in gRPC until its client has read it: held in the
+            # in-flight budget, those copies stay bounded whatever the number of ranks.
+            with self._budget.hold(encoded.payload_bytes, context.time_remaining()):
+                yield from encoded.messages
 
     def _encoded_means(self, run_id: str, step: int, means: ClassMeans) -> _EncodedMeans:
         # Every rank of a step asks at the same moment (when its round 1 completes): one
@@ -414,56 +434,50 @@ class NCServicer(pb_grpc.NCServiceServicer):
 
     # -- scalars and queries -----------------------------------------------------------------
 
+    @_status_from_errors
     def RecordScalars(
         self, request: pb.RecordScalarsRequest, context: grpc.ServicerContext
     ) -> pb.RecordScalarsReply:
-        try:
-            count = self._agg.record_scalars(
-                request.run_id,
-                request.step,
-                request.epoch if request.HasField("epoch") else None,
-                dict(request.values),
-            )
-        except ServiceError as exc:
-            _abort(context, exc)
+        count = self._agg.record_scalars(
+            request.run_id,
+            request.step,
+            request.epoch if request.HasField("epoch") else None,
+            dict(request.values),
+        )
         return pb.RecordScalarsReply(num_values=count)
 
+    @_status_from_errors
     def GetMetrics(
         self, request: pb.GetMetricsRequest, context: grpc.ServicerContext
     ) -> pb.GetMetricsReply:
         which = request.WhichOneof("selection")
-        try:
-            if which == "step":
-                records = self._agg.measurements(
-                    request.run_id, step=request.step, include_incomplete=request.include_incomplete
-                )
-            elif which == "range":
-                rng = request.range
-                records = self._agg.measurements(
-                    request.run_id,
-                    first=rng.first if rng.HasField("first") else None,
-                    last=rng.last if rng.HasField("last") else None,
-                    include_incomplete=request.include_incomplete,
-                )
-            else:
-                records = self._agg.measurements(request.run_id, latest=True)
-        except ServiceError as exc:
-            _abort(context, exc)
+        if which == "step":
+            records = self._agg.measurements(
+                request.run_id, step=request.step, include_incomplete=request.include_incomplete
+            )
+        elif which == "range":
+            rng = request.range
+            records = self._agg.measurements(
+                request.run_id,
+                first=rng.first if rng.HasField("first") else None,
+                last=rng.last if rng.HasField("last") else None,
+                include_incomplete=request.include_incomplete,
+            )
+        else:
+            records = self._agg.measurements(request.run_id, latest=True)
         return pb.GetMetricsReply(measurements=[measurement(r) for r in records])
 
+    @_status_from_errors
     def GetScalars(
         self, request: pb.GetScalarsRequest, context: grpc.ServicerContext
     ) -> pb.GetScalarsReply:
         rng = request.range
-        try:
-            records = self._agg.scalars(
-                request.run_id,
-                rng.first if rng.HasField("first") else None,
-                rng.last if rng.HasField("last") else None,
-                list(request.keys),
-            )
-        except ServiceError as exc:
-            _abort(context, exc)
+        records = self._agg.scalars(
+            request.run_id,
+            rng.first if rng.HasField("first") else None,
+            rng.last if rng.HasField("last") else None,
+            list(request.keys),
+        )
         out = pb.GetScalarsReply()
         for record in records:
             item = out.records.add(step=record.step, values=record.values)
@@ -471,23 +485,21 @@ class NCServicer(pb_grpc.NCServiceServicer):
                 item.epoch = record.epoch
         return out
 
+    @_status_from_errors
     def WatchMetrics(
         self, request: pb.WatchMetricsRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.Measurement]:
         include = request.include_incomplete
         after = request.after_step if request.HasField("after_step") else None
-        try:
-            with self._guard.admit(context, timed=False):
-                backlog, last_id = self._agg.watch_backlog(request.run_id, after, include)
-                for record in backlog:
+        with self._guard.admit(context, timed=False):
+            backlog, last_id = self._agg.watch_backlog(request.run_id, after, include)
+            for record in backlog:
+                yield measurement(record)
+            while context.is_active() and not self._agg.shutting_down:
+                # Read the event counter before querying: a change in between is not
+                # missed.
+                seq = self._agg.event_seq
+                for record in self._agg.measurements_after(request.run_id, last_id, include):
+                    last_id = max(last_id, record.id)
                     yield measurement(record)
-                while context.is_active() and not self._agg.shutting_down:
-                    # Read the event counter before querying: a change in between is not
-                    # missed.
-                    seq = self._agg.event_seq
-                    for record in self._agg.measurements_after(request.run_id, last_id, include):
-                        last_id = max(last_id, record.id)
-                        yield measurement(record)
-                    self._agg.wait_for_change(seq, 1.0)
-        except ServiceError as exc:
-            _abort(context, exc)
+                self._agg.wait_for_change(seq, 1.0)
