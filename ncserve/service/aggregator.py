@@ -13,7 +13,8 @@ and a repeat is answered from the record instead of merged again.
 Floating-point sums depend on merge order; shards merged in the same order give
 bit-identical metrics (a restart continues the stored merge in arrival order).
 
-This module knows nothing of gRPC: it raises ``ncserve.service.errors`` and the
+The data (pushes, open steps, decoding) is in shards.py, the runs in runs.py, the
+queries in queries.py. This module knows nothing of gRPC: it raises ``ncserve.service.errors`` and the
 servicer maps them to status codes.
 """
 
@@ -25,29 +26,22 @@ import math
 import threading
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
-from typing import Any
 
 import numpy as np
 
 from ncserve.metrics import (
     ClassMeans,
     MetricInputError,
-    PreparedFinalize,
     Round1Stats,
     Round2Stats,
     complete_finalize,
     prepare_finalize,
 )
-from ncserve.metrics.stats import all_finite
 from ncserve.protocol import (
-    CLASSIFIER_NAMES,
     HOLDOUT_PREFIX,
     MAX_SCALARS,
-    ROUND1_NAMES,
-    ROUND2_NAMES,
     ROUND_1,
     ROUND_2,
     SCALAR_KEY_PATTERN,
@@ -62,168 +56,38 @@ from ncserve.service.errors import (
     Unavailable,
 )
 from ncserve.service.exporter import ServiceMetrics
+from ncserve.service.queries import RunQueries
 from ncserve.service.runs import AggregatorLimits, RunRegistry
+from ncserve.service.shards import (
+    DeadlineExceeded,
+    OpenStep,
+    Pending,
+    PushResult,
+    RunView,
+    ShardPush,
+    decode_round1,
+    decode_round2,
+    max_epoch,
+    overflow_error,
+    prefixed,
+    r2_from_stored,
+    round1_sound,
+    round2_finite,
+)
 from ncserve.service.store import (
     MeasurementRecord,
-    RunCounts,
     RunRecord,
-    ScalarRecord,
     ShardRecord,
     Store,
 )
 
 log = logging.getLogger(__name__)
 
-# Steps are SQLite INTEGERs (int64).
-_MAX_STEP = (1 << 63) - 1
+# Re-exported: what callers of the aggregator build and get back.
+__all__ = ["Aggregator", "AggregatorLimits", "PushResult", "RunView", "ShardPush"]
 
 
-class DeadlineExceeded(ServiceError):
-    status = "DEADLINE_EXCEEDED"
-    reason = "failed_precondition"
-
-
-@dataclass(frozen=True)
-class ShardPush:
-    """One validated-on-the-wire push: header fields and the decoded tensors."""
-
-    run_id: str
-    step: int
-    rank: int
-    round: int
-    num_classes: int
-    feature_dim: int
-    epoch: int | None
-    scalars: Mapping[str, float]
-    train_tally: tuple[float, int, int] | None
-    arrays: Mapping[str, np.ndarray]
-    payload_sha256: str
-    payload_bytes: int
-
-
-@dataclass(frozen=True)
-class PushResult:
-    """What a push is answered with; depends only on the push, so a retry gets the same."""
-
-    run_id: str
-    step: int
-    rank: int
-    round: int
-    payload_bytes: int
-    payload_sha256: str
-
-    @classmethod
-    def of(cls, shard: ShardRecord) -> PushResult:
-        return cls(
-            shard.run_id,
-            shard.step,
-            shard.rank,
-            shard.round,
-            shard.payload_bytes,
-            shard.payload_sha256,
-        )
-
-
-@dataclass(frozen=True)
-class RunView:
-    """A run with its counts, for queries."""
-
-    run: RunRecord
-    counts: RunCounts
-    num_open_steps: int
-
-
-@dataclass
-class _OpenStep:
-    """In-progress state of one (run, step). Guarded by ``lock``."""
-
-    run: RunRecord
-    step: int
-    opened_unix: float
-    opened_monotonic: float
-    epoch: int | None = None
-    r1: Round1Stats | None = None
-    r1_shards: dict[int, ShardRecord] = field(default_factory=dict)
-    weight: np.ndarray | None = None
-    bias: np.ndarray | None = None
-    means: ClassMeans | None = None
-    # The round-1 part of finalize, computed in the background once round 1 is complete.
-    prepared: Future[PreparedFinalize] | None = None
-    r2: Round2Stats | None = None
-    r2_shards: dict[int, ShardRecord] = field(default_factory=dict)
-    holdout: Round2Stats | None = None
-    scalar_sums: dict[str, list[float]] = field(default_factory=dict)
-    tally: list[float] | None = None
-    closed: bool = False
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    # Group commit: shards queue in `pending`; whoever finds no commit in progress becomes
-    # the leader, merges the whole queue and persists it in one transaction, then hands the
-    # lead to the first shard queued meanwhile (waking that one thread, not every waiter).
-    pending: list[_Pending] = field(default_factory=list)
-    committing: bool = False
-
-    @property
-    def round1_complete(self) -> bool:
-        return len(self.r1_shards) == self.run.world_size
-
-    def state_json(self) -> dict[str, Any]:
-        return {"scalar_sums": self.scalar_sums, "tally": self.tally}
-
-    def missing(self, shards: Mapping[int, ShardRecord]) -> list[int]:
-        return [r for r in range(self.run.world_size) if r not in shards]
-
-
-@dataclass
-class _Pending:
-    """One decoded shard waiting to be merged, and its outcome once a commit handled it."""
-
-    shard: ShardRecord
-    push: ShardPush
-    stats1: Round1Stats | None = None
-    weight: np.ndarray | None = None
-    bias: np.ndarray | None = None
-    stats2: Round2Stats | None = None
-    holdout: Round2Stats | None = None
-    done: bool = False
-    # Set when the item is done or its thread is to lead the next commit.
-    wake: threading.Event = field(default_factory=threading.Event)
-    result: PushResult | None = None
-    error: ServiceError | None = None
-    step_closed: bool = False
-
-    def answer(self, result: PushResult) -> None:
-        self.result, self.done = result, True
-
-    def fail(self, error: ServiceError) -> None:
-        self.error, self.done = error, True
-
-
-def _arrays_with_prefix(arrays: Mapping[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
-    return {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
-
-
-def _prefixed(arrays: Mapping[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
-    return {prefix + k: np.asarray(v) for k, v in arrays.items()}
-
-
-def _r2_from_stored(arrays: Mapping[str, np.ndarray], prefix: str) -> Round2Stats | None:
-    found = _arrays_with_prefix(arrays, prefix)
-    if not found:
-        return None
-    return Round2Stats(
-        int(found["num_samples"]),
-        found["scatter"],
-        found["sq_resid"],
-        int(found["ncc_agree"]),
-        int(found["correct"]),
-    )
-
-
-def _shape_str(shape: tuple[int, ...]) -> str:
-    return "(" + ", ".join(str(d) for d in shape) + ")"
-
-
-class Aggregator:
+class Aggregator(RunQueries):
     """Runs, open steps and their merges; finalizes through the metric engine."""
 
     def __init__(
@@ -243,7 +107,7 @@ class Aggregator:
         self._changed = threading.Condition(self._lock)
         self._event_seq = 0
         self.runs = RunRegistry(store, self.limits, wall_clock)
-        self._open: dict[tuple[str, int], _OpenStep] = {}
+        self._open: dict[tuple[str, int], OpenStep] = {}
         self._shutting_down = False
         # Everything of a finalize that needs only round 1 runs here while round 2 arrives,
         # so the last round-2 shard pays only for the round-2 part.
@@ -258,14 +122,14 @@ class Aggregator:
             run = self.runs.get(record.run_id)
             K, P = run.num_classes, run.feature_dim
             # The step deadline restarts with the server so clients get time to retry.
-            state = _OpenStep(run, record.step, time.time(), now, epoch=record.epoch)
+            state = OpenStep(run, record.step, time.time(), now, epoch=record.epoch)
             t = record.tensors
             if "r1.counts" in t:
                 state.r1 = Round1Stats(t["r1.counts"], t["r1.sums"])
             state.weight = t.get("weight")
             state.bias = t.get("bias")
-            state.r2 = _r2_from_stored(t, "r2.") or Round2Stats.zeros(K, P)
-            state.holdout = _r2_from_stored(t, "holdout.")
+            state.r2 = r2_from_stored(t, "r2.") or Round2Stats.zeros(K, P)
+            state.holdout = r2_from_stored(t, "holdout.")
             state.scalar_sums = {k: list(v) for k, v in record.state.get("scalar_sums", {}).items()}
             tally = record.state.get("tally")
             state.tally = None if tally is None else list(tally)
@@ -404,23 +268,14 @@ class Aggregator:
                 )
         return run
 
-    def expected_payload_bytes(self, run: RunRecord, round_: int) -> int:
-        """The most a well-formed push of the round carries: round 1 with W and b, round 2
-        with its held-out copy (a bound for the wire assembler and the in-flight budget)."""
-        K, P = run.num_classes, run.feature_dim
-        if round_ == ROUND_1:
-            return 8 * (K + K * P) + 8 * (K * P + K)
-        d = Round2Stats.scatter_dim(K, P)
-        return 2 * 8 * (3 + d * d + K)
-
     def push(self, push: ShardPush) -> PushResult:
         """Validate, merge and persist one shard; finalize the step if it was the last."""
         run = self.check_header(push)
         if push.round == ROUND_1:
-            stats1, weight, bias = self._decode_round1(run, push.arrays)
+            stats1, weight, bias = decode_round1(run, push.arrays)
             num_samples = stats1.num_samples
         elif push.round == ROUND_2:
-            stats2, holdout = self._decode_round2(run, push.arrays)
+            stats2, holdout = decode_round2(run, push.arrays)
             num_samples = stats2.num_samples
         else:
             raise InvalidArgument(f"round={push.round} is not 1 or 2")
@@ -439,7 +294,7 @@ class Aggregator:
             if state is None:
                 assert answer is not None
                 return answer
-            item = _Pending(shard, push)
+            item = Pending(shard, push)
             if push.round == ROUND_1:
                 item.stats1, item.weight, item.bias = stats1, weight, bias
             else:
@@ -454,7 +309,7 @@ class Aggregator:
             return item.result
         raise Unavailable(f"step {push.step} of run {run.run_id!r} is changing state; retry")
 
-    def _submit(self, state: _OpenStep, item: _Pending) -> None:
+    def _submit(self, state: OpenStep, item: Pending) -> None:
         """Queue ``item``; lead the commit of the queue unless another thread already does."""
         with state.lock:
             if state.closed:
@@ -487,7 +342,7 @@ class Aggregator:
             self._pass_lead(state)
 
     @staticmethod
-    def _pass_lead(state: _OpenStep) -> None:
+    def _pass_lead(state: OpenStep) -> None:
         """End a commit: the first shard queued meanwhile leads the next, or nobody does."""
         with state.lock:
             if state.pending:
@@ -495,7 +350,7 @@ class Aggregator:
             else:
                 state.committing = False
 
-    def _commit(self, state: _OpenStep, batch: list[_Pending]) -> None:
+    def _commit(self, state: OpenStep, batch: list[Pending]) -> None:
         """Merge and persist a queue of shards (called by the one leader of the step)."""
         if state.closed:
             for item in batch:
@@ -511,85 +366,9 @@ class Aggregator:
             if not item.done:  # the step closed under round 1 (no class means possible)
                 item.step_closed = item.done = True
 
-    def _decode_round1(
-        self, run: RunRecord, arrays: Mapping[str, np.ndarray]
-    ) -> tuple[Round1Stats, np.ndarray | None, np.ndarray | None]:
-        K, P = run.num_classes, run.feature_dim
-        unknown = sorted(set(arrays) - set(ROUND1_NAMES) - set(CLASSIFIER_NAMES))
-        if unknown:
-            older = (
-                " (sent by an older ncserve client: per-class sums of squares now travel in "
-                "round 2, as 'sq_resid'; upgrade the client)"
-                if unknown[0] == "sq_dev"
-                else ""
-            )
-            raise InvalidArgument(
-                f"unknown tensor {unknown[0]!r} in a round-1 push; expected "
-                f"{', '.join(ROUND1_NAMES + CLASSIFIER_NAMES)}{older}"
-            )
-        try:
-            stats = Round1Stats.from_arrays(
-                {k: v for k, v in arrays.items() if k in ROUND1_NAMES}, K, P
-            )
-        except MetricInputError as exc:
-            raise InvalidArgument(f"round-1 push: {exc}") from exc
-        weight = self._classifier_tensor(arrays, "weight", (K, P))
-        bias = self._classifier_tensor(arrays, "bias", (K,))
-        if bias is not None and weight is None:
-            raise InvalidArgument("tensor 'bias' sent without 'weight'; send both from one rank")
-        return stats, weight, bias
-
-    @staticmethod
-    def _classifier_tensor(
-        arrays: Mapping[str, np.ndarray], name: str, shape: tuple[int, ...]
-    ) -> np.ndarray | None:
-        if name not in arrays:
-            return None
-        array = np.asarray(arrays[name])
-        if array.shape != shape:
-            raise InvalidArgument(
-                f"tensor {name!r} has shape {_shape_str(array.shape)}; expected {_shape_str(shape)}"
-            )
-        if array.dtype.kind != "f":
-            raise InvalidArgument(f"tensor {name!r} must be float64, got {array.dtype}")
-        values = np.asarray(array, dtype=np.float64)
-        if not all_finite(values):
-            bad = int(np.flatnonzero(~np.isfinite(values.reshape(-1)))[0])
-            raise InvalidArgument(
-                f"tensor {name!r} contains NaN or Inf (first at flat index {bad}: "
-                f"{values.reshape(-1)[bad]})"
-            )
-        return values
-
-    def _decode_round2(
-        self, run: RunRecord, arrays: Mapping[str, np.ndarray]
-    ) -> tuple[Round2Stats, Round2Stats | None]:
-        K, P = run.num_classes, run.feature_dim
-        allowed = set(ROUND2_NAMES) | {HOLDOUT_PREFIX + n for n in ROUND2_NAMES}
-        unknown = sorted(set(arrays) - allowed)
-        if unknown:
-            raise InvalidArgument(
-                f"unknown tensor {unknown[0]!r} in a round-2 push; expected "
-                f"{', '.join(ROUND2_NAMES)} and optionally the same prefixed {HOLDOUT_PREFIX!r}"
-            )
-        try:
-            stats = Round2Stats.from_arrays(
-                {k: v for k, v in arrays.items() if k in ROUND2_NAMES}, K, P
-            )
-        except MetricInputError as exc:
-            raise InvalidArgument(f"round-2 push: {exc}") from exc
-        held = _arrays_with_prefix(arrays, HOLDOUT_PREFIX)
-        holdout = None
-        if held:
-            try:
-                holdout = Round2Stats.from_arrays(held, K, P)
-            except MetricInputError as exc:
-                raise InvalidArgument(f"round-2 push, held-out split: {exc}") from exc
-        return stats, holdout
-
     def _step_for(
         self, run: RunRecord, shard: ShardRecord
-    ) -> tuple[_OpenStep | None, PushResult | None]:
+    ) -> tuple[OpenStep | None, PushResult | None]:
         """The open step a shard merges into, or the answer when the step is closed."""
         key = (run.run_id, shard.step)
         with self._lock:
@@ -637,11 +416,11 @@ class Aggregator:
                         f"{of_run} steps open, its limit (--max-open-steps-per-run); they "
                         "close when every rank's shards arrive or at the step deadline"
                     )
-                state = _OpenStep(run, shard.step, time.time(), self._clock())
+                state = OpenStep(run, shard.step, time.time(), self._clock())
                 self._open[key] = state
             return state, None
 
-    def _start_prepare(self, state: _OpenStep) -> None:
+    def _start_prepare(self, state: OpenStep) -> None:
         """Start the round-1 part of the step's finalize (round 1 complete, W known)."""
         if state.r1 is not None and state.weight is not None:
             state.prepared = self._prepare_pool.submit(
@@ -658,7 +437,7 @@ class Aggregator:
             )
         return PushResult.of(previous)
 
-    def _commit_round1(self, state: _OpenStep, items: list[_Pending]) -> None:
+    def _commit_round1(self, state: OpenStep, items: list[Pending]) -> None:
         run = state.run
         # One copy per batch: the step's state changes only once the batch is stored.
         merged = (
@@ -667,7 +446,7 @@ class Aggregator:
         shards = dict(state.r1_shards)
         weight, bias = state.weight, state.bias
         epoch = state.epoch
-        accepted: list[_Pending] = []
+        accepted: list[Pending] = []
         for item in items:
             shard = item.shard
             previous = shards.get(shard.rank)
@@ -689,7 +468,7 @@ class Aggregator:
             assert item.stats1 is not None
             if weight is None and item.weight is not None:
                 weight, bias = item.weight, item.bias
-            epoch = _max_epoch(epoch, item.push.epoch)
+            epoch = max_epoch(epoch, item.push.epoch)
             shards[shard.rank] = shard
             accepted.append(item)
         if not accepted:
@@ -699,7 +478,7 @@ class Aggregator:
             for item in accepted:
                 assert item.stats1 is not None
                 merged.merge_in_place(item.stats1)
-        if not _round1_sound(merged):
+        if not round1_sound(merged):
             # Some shard takes the merged sums past float64 (or the counts past int64):
             # merge again one by one and refuse the shards that do.
             merged, kept = base, []
@@ -707,11 +486,11 @@ class Aggregator:
                 assert item.stats1 is not None
                 with np.errstate(over="ignore"):
                     trial = merged.merge(item.stats1)
-                if _round1_sound(trial):
+                if round1_sound(trial):
                     merged = trial
                     kept.append(item)
                 else:
-                    item.fail(_overflow(item.shard))
+                    item.fail(overflow_error(item.shard))
                     del shards[item.shard.rank]
             accepted = kept
             if not accepted:
@@ -719,7 +498,7 @@ class Aggregator:
             if state.weight is None:
                 carrier = next((i for i in accepted if i.weight is not None), None)
                 weight, bias = (carrier.weight, carrier.bias) if carrier else (None, None)
-        tensors: dict[str, np.ndarray] = _prefixed(merged.to_arrays(), "r1.")
+        tensors: dict[str, np.ndarray] = prefixed(merged.to_arrays(), "r1.")
         if state.weight is None and weight is not None:
             tensors["weight"] = weight
             if bias is not None:
@@ -745,7 +524,7 @@ class Aggregator:
                     state.r2 = Round2Stats.zeros(run.num_classes, run.feature_dim)
                 self._bump()
 
-    def _commit_round2(self, state: _OpenStep, items: list[_Pending]) -> None:
+    def _commit_round2(self, state: OpenStep, items: list[Pending]) -> None:
         run = state.run
         assert state.r2 is not None
         merged, holdout = state.r2, state.holdout
@@ -753,7 +532,7 @@ class Aggregator:
         scalar_sums = {k: list(v) for k, v in state.scalar_sums.items()}
         tally = None if state.tally is None else list(state.tally)
         epoch = state.epoch
-        accepted: list[_Pending] = []
+        accepted: list[Pending] = []
         for item in items:
             shard = item.shard
             previous = shards.get(shard.rank)
@@ -788,10 +567,10 @@ class Aggregator:
             candidate_holdout = holdout
             if item.holdout is not None:
                 candidate_holdout = item.holdout if holdout is None else holdout.merge(item.holdout)
-            if not _round2_finite(candidate) or (
-                candidate_holdout is not None and not _round2_finite(candidate_holdout)
+            if not round2_finite(candidate) or (
+                candidate_holdout is not None and not round2_finite(candidate_holdout)
             ):
-                item.fail(_overflow(shard))
+                item.fail(overflow_error(shard))
                 continue
             merged, holdout = candidate, candidate_holdout
             for key, value in item.push.scalars.items():
@@ -801,15 +580,15 @@ class Aggregator:
             if item.push.train_tally is not None:
                 base = tally or [0.0, 0.0, 0.0]
                 tally = [base[i] + float(item.push.train_tally[i]) for i in range(3)]
-            epoch = _max_epoch(epoch, item.push.epoch)
+            epoch = max_epoch(epoch, item.push.epoch)
             shards[shard.rank] = shard
             accepted.append(item)
         if not accepted:
             return
         if len(shards) < run.world_size:
-            tensors = _prefixed(merged.to_arrays(), "r2.")
+            tensors = prefixed(merged.to_arrays(), "r2.")
             if holdout is not None:
-                tensors.update(_prefixed(holdout.to_arrays(), HOLDOUT_PREFIX))
+                tensors.update(prefixed(holdout.to_arrays(), HOLDOUT_PREFIX))
             json_state = {"scalar_sums": scalar_sums, "tally": tally}
             self._store.accept_shards(
                 [i.shard for i in accepted], epoch, json_state, tensors, state.opened_unix
@@ -826,7 +605,7 @@ class Aggregator:
 
     def _finalize(
         self,
-        state: _OpenStep,
+        state: OpenStep,
         last_shards: list[ShardRecord],
         r2: Round2Stats,
         holdout: Round2Stats | None,
@@ -865,7 +644,7 @@ class Aggregator:
         log.debug("step %d of run %r finalized (row %d)", state.step, run.run_id, record.id)
         return True
 
-    def _close_incomplete(self, state: _OpenStep, reason: str) -> MeasurementRecord | None:
+    def _close_incomplete(self, state: OpenStep, reason: str) -> MeasurementRecord | None:
         """Mark a step incomplete (nothing of it counted). Caller leads the step's commits."""
         try:
             record = self._store.mark_incomplete(state.run.run_id, state.step, state.epoch, reason)
@@ -879,7 +658,7 @@ class Aggregator:
         self.runs.changed()
         return record
 
-    def _close(self, state: _OpenStep) -> None:
+    def _close(self, state: OpenStep) -> None:
         """Caller leads the step's commits (or holds its lock)."""
         state.closed = True
         with self._lock:
@@ -996,104 +775,3 @@ class Aggregator:
         with self._lock:
             self._shutting_down = True
             self._bump()
-
-    # -- queries and scalars -----------------------------------------------------------------
-
-    def measurements(
-        self,
-        run_id: str,
-        step: int | None = None,
-        first: int | None = None,
-        last: int | None = None,
-        latest: bool = False,
-        include_incomplete: bool = False,
-    ) -> list[MeasurementRecord]:
-        self.run(run_id)
-        if latest:
-            record = self._store.latest_measurement(run_id)
-            if record is None:
-                raise NotFound(f"run {run_id!r} has no finalized measurement yet")
-            return [record]
-        if step is not None:
-            found = self._store.measurements(run_id, step, step, include_incomplete)
-            if not found:
-                raise NotFound(f"run {run_id!r} has no measurement at step={step}")
-            return found
-        if first is not None and last is not None and first > last:
-            raise InvalidArgument(f"range first={first} is after last={last}")
-        return self._store.measurements(run_id, first, last, include_incomplete)
-
-    def watch_backlog(
-        self, run_id: str, after_step: int | None, include_incomplete: bool
-    ) -> tuple[list[MeasurementRecord], int]:
-        """Stored measurements a new watcher replays, and the row id to stream after."""
-        self.run(run_id)
-        upto = self._store.max_measurement_id()
-        if after_step is None or after_step >= _MAX_STEP:
-            return [], upto
-        backlog = self._store.measurements(
-            run_id, first=after_step + 1, include_incomplete=include_incomplete, max_id=upto
-        )
-        return backlog, upto
-
-    def measurements_after(
-        self, run_id: str, after_id: int, include_incomplete: bool
-    ) -> list[MeasurementRecord]:
-        return self._store.measurements(
-            run_id, include_incomplete=include_incomplete, after_id=after_id, order_by="id"
-        )
-
-    def record_scalars(
-        self, run_id: str, step: int, epoch: int | None, values: Mapping[str, float]
-    ) -> int:
-        run = self.run(run_id)
-        if step < 0:
-            raise InvalidArgument(f"step must be >= 0, got step={step}")
-        if epoch is not None and epoch < 0:
-            raise InvalidArgument(f"epoch must be >= 0, got epoch={epoch}")
-        if not values:
-            raise InvalidArgument("values is empty; send at least one scalar")
-        if len(values) > MAX_SCALARS:
-            raise InvalidArgument(f"values has {len(values)} entries; at most {MAX_SCALARS}")
-        for key, value in values.items():
-            if not SCALAR_KEY_PATTERN.fullmatch(key):
-                raise InvalidArgument(
-                    f"values key {key!r} is not 1-64 characters of [A-Za-z0-9._-]"
-                )
-            if not math.isfinite(value):
-                raise InvalidArgument(f"values[{key!r}]={value} is not finite")
-        self._store.record_scalars(run_id, step, epoch, values)
-        self.runs.touch(run.run_id)
-        self.runs.changed()
-        return len(values)
-
-    def scalars(
-        self, run_id: str, first: int | None, last: int | None, keys: list[str]
-    ) -> list[ScalarRecord]:
-        self.run(run_id)
-        return self._store.scalars(run_id, first, last, keys)
-
-
-def _round1_sound(stats: Round1Stats) -> bool:
-    """Merged round-1 sums still finite and counts still non-negative (no wrap-around)."""
-    return all_finite(stats.sums_KP) and bool((stats.counts_K >= 0).all())
-
-
-def _round2_finite(stats: Round2Stats) -> bool:
-    return all_finite(stats.scatter) and all_finite(stats.sq_resid_K) and stats.num_samples >= 0
-
-
-def _overflow(shard: ShardRecord) -> InvalidArgument:
-    return InvalidArgument(
-        f"round-{shard.round} shard of rank {shard.rank} for step {shard.step} would take the "
-        "merged sums of the step past float64 (or its counts past int64); its values are "
-        "not the statistics of real features"
-    )
-
-
-def _max_epoch(a: int | None, b: int | None) -> int | None:
-    if a is None:
-        return b
-    if b is None:
-        return a
-    return max(a, b)

@@ -32,6 +32,7 @@ from ncserve.service.errors import (
 )
 from ncserve.service.exporter import ServiceMetrics
 from ncserve.service.guard import ByteBudget, StreamGuard
+from ncserve.service.shards import expected_payload_bytes
 from ncserve.service.store import MeasurementRecord, RunRecord
 from ncserve.v1 import ncserve_pb2 as pb
 from ncserve.v1 import ncserve_pb2_grpc as pb_grpc
@@ -299,7 +300,7 @@ class NCServicer(pb_grpc.NCServiceServicer):
             # a round-1 push). A push that stalls while charged is cut by the idle
             # timeout, which releases the charge.
             first = next(messages, None)
-            cost = self._agg.expected_payload_bytes(run, round_) if declared is None else declared
+            cost = expected_payload_bytes(run, round_) if declared is None else declared
             with self._budget.hold(cost, context.time_remaining()):
                 body = itertools.chain([] if first is None else [first], messages)
                 payload = self._read_payload(body, header, limit, declared)
@@ -384,7 +385,7 @@ class NCServicer(pb_grpc.NCServiceServicer):
     def _payload_limit(self, run: RunRecord, round_: int) -> int:
         # Slack over the exact size lets a wrongly shaped tensor through to the validation
         # that names it; only absurd declarations are refused outright.
-        expected = self._agg.expected_payload_bytes(run, round_)
+        expected = expected_payload_bytes(run, round_)
         return min(2 * expected + wire.MAX_PIECE_BYTES, self._max_shard_bytes)
 
     # -- class means -------------------------------------------------------------------------
