@@ -13,7 +13,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -35,13 +34,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 def serve(db: Path, port: int = 0) -> ServerHandle:
     return start_server(ServerConfig(listen=f"127.0.0.1:{port}", db_path=db, grace_s=0.5))
-
-
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[ServerHandle]:
-    handle = serve(tmp_path / "ncserve.db")
-    yield handle
-    handle.stop(0)
 
 
 def dataset(n: int = 64, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

@@ -33,20 +33,6 @@ from tests.service_support import (
 )
 
 
-@pytest.fixture
-def server(tmp_path):
-    handle = start_test_server(tmp_path / "nc.db", step_deadline_s=30)
-    yield handle
-    handle.stop(0.5)
-
-
-@pytest.fixture
-def stub(server) -> Iterator:
-    channel, stub = insecure_stub(server.port)
-    yield stub
-    channel.close()
-
-
 def _code(call, *args, **kwargs) -> grpc.StatusCode:
     with pytest.raises(grpc.RpcError) as info:
         result = call(*args, **kwargs)
