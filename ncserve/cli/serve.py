@@ -191,6 +191,32 @@ def _write_port_file(path: Path, port: int) -> None:
     help="gRPC worker threads; a run's world_size may be at most this minus 16.",
 )
 @click.option(
+    "--max-streams-per-peer",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Streams (pushes, class-means waits, watches) one peer address may hold open at "
+    "once. Default: the server's stream limit (--max-workers less a reserve for unary "
+    "calls and health). Set it when trainers and other clients reach the server from "
+    "different addresses; on loopback every client shares one.",
+)
+@click.option(
+    "--stream-idle-timeout",
+    "stream_idle_timeout_s",
+    type=Duration(),
+    default=_default("stream_idle_timeout_s"),
+    show_default=_shown(float(_default("stream_idle_timeout_s"))),
+    help="A push stream that sends nothing for this long is cut: its worker thread and "
+    "whatever in-flight budget it held come back (the client sees CANCELLED and retries).",
+)
+@click.option(
+    "--stream-lifetime",
+    "stream_lifetime_s",
+    type=Duration(),
+    default=_default("stream_lifetime_s"),
+    show_default=_shown(float(_default("stream_lifetime_s"))),
+    help="The longest a push stream may last, whatever it sends.",
+)
+@click.option(
     "--max-runs",
     type=click.IntRange(min=1),
     default=1000,
@@ -265,6 +291,9 @@ def serve(
     retention_s: float | None,
     series_grace_s: float,
     max_workers: int,
+    max_streams_per_peer: int | None,
+    stream_idle_timeout_s: float,
+    stream_lifetime_s: float,
     max_runs: int,
     max_open_steps: int,
     max_open_steps_per_run: int,
@@ -306,6 +335,9 @@ def serve(
             retention_s=retention_s,
             series_grace_s=series_grace_s,
             max_workers=max_workers,
+            max_streams_per_peer=max_streams_per_peer,
+            stream_idle_timeout_s=stream_idle_timeout_s,
+            stream_lifetime_s=stream_lifetime_s,
             max_runs=max_runs,
             max_open_steps=max_open_steps,
             max_open_steps_per_run=max_open_steps_per_run,
