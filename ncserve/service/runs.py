@@ -152,7 +152,10 @@ class RunRegistry:
 
     def get(self, run_id: str) -> RunRecord:
         with self._lock:
-            run = self._runs.get(run_id)
+            return self._get_locked(run_id)
+
+    def _get_locked(self, run_id: str) -> RunRecord:
+        run = self._runs.get(run_id)
         if run is None:
             raise NotFound(f"unknown run_id={_shown_id(run_id)}: no run with this id is registered")
         return run
@@ -289,11 +292,7 @@ class RunRegistry:
         or a heartbeat (``store=True``: stored here)."""
         now = self._wall_clock()
         with self._lock:
-            run = self._runs.get(run_id)
-            if run is None:
-                raise NotFound(
-                    f"unknown run_id={_shown_id(run_id)}: no run with this id is registered"
-                )
+            run = self._get_locked(run_id)
             run = self._touch_locked(run, now)
             if store:
                 self._store.touch_run(run_id, now)
@@ -328,11 +327,7 @@ class RunRegistry:
             )
         now = self._wall_clock()
         with self._lock:
-            run = self._runs.get(run_id)
-            if run is None:
-                raise NotFound(
-                    f"unknown run_id={_shown_id(run_id)}: no run with this id is registered"
-                )
+            run = self._get_locked(run_id)
             if run.state == state:
                 return run
             if run.state in RUN_END_STATES:
