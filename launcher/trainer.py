@@ -668,10 +668,11 @@ class Trainer:
             if self.rank == 0:
                 # Queued behind what the client still buffers, so the run's end comes last.
                 error = sys.exc_info()[1]
+                what = f"{type(error).__name__}: {str(error)[:200]}" if error else "unknown"
                 self.tracker.client.finish_run(
                     self.tracker.run_id,
                     RUN_FAILED,
-                    f"rank {self.rank} failed at step {self.step}: {error!r}",
+                    f"rank {self.rank} failed at step {self.step} ({what})",
                 )
             # Whatever the client still buffers goes to its spool for a later replay.
             self.tracker.client.close(timeout_s=2.0)

@@ -86,11 +86,14 @@ def test_finish_is_idempotent_and_stops_the_live_series_at_once(tmp_path: Path) 
             assert values[("ncserve_run_live", labels)] == 0
             assert values[("ncserve_run_state", (*labels, ("state", "finished")))] == 1
             assert values[("ncserve_runs", (("state", "finished"),))] == 1
-            # Again in the same state: the first end stands.
+            # Again in the same state: the first end stands, and a second witness's reason
+            # is kept beside the first.
             again = stub.FinishRun(
-                pb.FinishRunRequest(run_id="sgd-run", state=pb.RUN_FINISHED), timeout=5
+                pb.FinishRunRequest(run_id="sgd-run", state=pb.RUN_FINISHED, reason="ok"),
+                timeout=5,
             )
             assert again.ended_unix == ended.ended_unix
+            assert again.state_reason == "done; ok"
             # Finished cannot become failed; RUNNING is no end; unknown runs are NOT_FOUND.
             assert (
                 code_of(lambda: stub.FinishRun(

@@ -114,6 +114,16 @@ def check_run_id(run_id: str) -> None:
         raise InvalidArgument(f"run_id={_shown_id(run_id)} is not valid: {RUN_ID_RULE}")
 
 
+def _joined_reasons(first: str, then: str) -> str:
+    """Two reasons of one end in at most MAX_REASON_CHARS characters (the first cut)."""
+    if not first:
+        return then
+    room = MAX_REASON_CHARS - len(then) - 2
+    if len(first) > room:
+        first = first[: max(0, room - 3)] + "..."
+    return f"{first}; {then}"[:MAX_REASON_CHARS]
+
+
 def check_metadata(metadata: Mapping[str, str]) -> None:
     if len(metadata) > MAX_METADATA_ENTRIES:
         raise InvalidArgument(
@@ -329,6 +339,15 @@ class RunRegistry:
         with self._lock:
             run = self._get_locked(run_id)
             if run.state == state:
+                if not reason or reason in run.state_reason:
+                    return run
+                # Several witnesses of one end (rank 0 and the launcher, say): every reason
+                # is kept, the first end time too.
+                run = dataclasses.replace(
+                    run, state_reason=_joined_reasons(run.state_reason, reason)
+                )
+                self._store.set_run_state(run)
+                self._runs[run_id] = run
                 return run
             if run.state in RUN_END_STATES:
                 raise FailedPrecondition(
