@@ -256,6 +256,13 @@ def run(config: RunConfig, console: Console | None = None) -> int:
             f"report {run_dir.report_path}",
             highlight=False,
         )
+        if service is not None:
+            # The embedded service is gone with the run; its store stays readable.
+            console.print(
+                f"query it: ncserve query {config.run_id} --db {service.db_path} --all",
+                highlight=False,
+                soft_wrap=True,
+            )
     else:
         # A node other than the one hosting rank 0: the measurements are written there.
         console.print(f"finished in {elapsed:.1f} s (no measurements on this node)")

@@ -49,6 +49,22 @@ def test_default_four_node_run_matches_ncserve_compute(tmp_path: Path) -> None:
         assert (run_dir / "logs" / f"rank{rank}.log").is_file()
     assert (run_dir / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (run_dir / "service" / "ncserve.db").is_file()
+    # The closing lines say how to read the run's store with no server, and that works.
+    run_id = config["run_id"]
+    db = run_dir / "service" / "ncserve.db"
+    assert f"ncserve query {run_id} --db {db} --all" in result.stdout
+    stored = subprocess.run(
+        [sys.executable, "-m", "ncserve", "query", run_id, "--db", str(db), "--all",
+         "--format", "json"],
+        cwd=REPO, capture_output=True, text=True, check=True, timeout=120,
+    )  # fmt: skip
+    assert [r["step"] for r in json.loads(stored.stdout)] == [0, 35, 70]
+    listed = subprocess.run(
+        [sys.executable, "-m", "ncserve", "runs", "--db", str(db), "--format", "json"],
+        cwd=REPO, capture_output=True, text=True, check=True, timeout=120,
+    )  # fmt: skip
+    (stored_run,) = json.loads(listed.stdout)
+    assert stored_run["state"] == "finished" and stored_run["num_measurements"] == 3
 
     rows = metrics(run_dir)
     # 4,500 training samples / 128 per step = 35 steps per epoch; step 0 and every epoch.

@@ -21,6 +21,7 @@ import click
 import grpc
 
 from ncserve.cli.compute import format_metrics_table, metrics_json
+from ncserve.cli.store_reader import StoreReader
 from ncserve.client import NCClient, ServiceError, TLSConfig
 from ncserve.errors import UserError
 from ncserve.features import FeaturesFileError, load_features
@@ -135,9 +136,16 @@ def make_client(opts: dict[str, Any], spill_dir: Path | None = None) -> NCClient
         raise UserError(str(error)) from None
 
 
+# Where nclaunch's embedded service keeps a run's store.
+EMBEDDED_DB = "runs/<run-id>/service/ncserve.db"
+
+
 def _user_error(error: ServiceError) -> UserError:
     if error.code == grpc.StatusCode.UNAVAILABLE:
-        return UserError(error.details)
+        return UserError(
+            f"{error.details}; to read a store without a server: ncserve runs --db FILE "
+            f"(an nclaunch run keeps its own in {EMBEDDED_DB})"
+        )
     if error.code == grpc.StatusCode.UNAUTHENTICATED:
         return UserError(
             f"the service refused the credentials: {error.details} "
@@ -156,6 +164,28 @@ def connected(opts: dict[str, Any]) -> Iterator[NCClient]:
         raise _user_error(error) from None
     finally:
         client.close(timeout_s=0)
+
+
+@contextmanager
+def reading(opts: dict[str, Any], db: Path | None) -> Iterator[NCClient | StoreReader]:
+    """The service, or with ``--db`` the store file itself (read-only, no server needed)."""
+    if db is None:
+        with connected(opts) as client:
+            yield client
+        return
+    reader = StoreReader(db)
+    try:
+        yield reader
+    finally:
+        reader.close()
+
+
+DB_OPTION = click.option(
+    "--db",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Read this store file directly instead of asking a server (read-only; safe while "
+    f"a server writes it). An nclaunch run keeps its own: {EMBEDDED_DB}.",
+)
 
 
 def _connection_opts(kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -248,12 +278,14 @@ FORMAT_OPTION = click.option(
     "abandoned (nothing arrived for the server's --abandon-after).",
 )
 @FORMAT_OPTION
+@DB_OPTION
 @client_options
 @_command
-def runs(opts: dict[str, Any], states: tuple[str, ...], fmt: str) -> None:
-    """List the runs the service holds, oldest first, with where each is in its life."""
-    with connected(opts) as client:
-        found = client.list_runs(states)
+def runs(opts: dict[str, Any], states: tuple[str, ...], fmt: str, db: Path | None) -> None:
+    """List the runs the service (or a --db store) holds, oldest first, with where each is
+    in its life."""
+    with reading(opts, db) as source:
+        found = source.list_runs(states)
     if fmt == "json":
         click.echo(json.dumps(found))
         return
@@ -319,6 +351,7 @@ def delete(opts: dict[str, Any], run_id: str, yes: bool) -> None:
     help="Also list steps marked incomplete (a rank's shard never arrived).",
 )
 @FORMAT_OPTION
+@DB_OPTION
 @client_options
 @_command
 def query(
@@ -328,6 +361,7 @@ def query(
     all_steps: bool,
     include_incomplete: bool,
     fmt: str,
+    db: Path | None,
 ) -> None:
     """Measurements of RUN: the latest (default), one --step, or --all.
 
@@ -336,8 +370,8 @@ def query(
     """
     if step is not None and all_steps:
         raise UserError("give either --step S or --all, not both")
-    with connected(opts) as client:
-        result = client.get_metrics(
+    with reading(opts, db) as source:
+        result = source.get_metrics(
             run_id, step=step, all_steps=all_steps, include_incomplete=include_incomplete
         )
     if fmt == "json":

@@ -145,8 +145,12 @@ def _json_dumps(value: Any) -> str:
 class Store:
     """SQLite store: one writer connection behind a lock, pooled reader connections."""
 
-    def __init__(self, path: Path | str) -> None:
+    def __init__(self, path: Path | str, *, read_only: bool = False) -> None:
+        """Open (and create or migrate) the database; ``read_only`` opens an existing one
+        for queries only, safely beside a server writing it (WAL readers see committed
+        transactions; nothing is created, migrated or written)."""
         self.path = Path(path)
+        self.read_only = read_only
         self._write_lock = threading.Lock()
         self._readers: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
         self._all_connections: list[sqlite3.Connection] = []
@@ -154,6 +158,10 @@ class Store:
         self._closed = False
         self._checkpoint_stop = threading.Event()
         self._checkpointer: threading.Thread | None = None
+        if read_only:
+            self._closed = True  # no writes
+            self._open_read_only()
+            return
         try:
             self._writer = self._connect()
             # Shard state is written as MB-sized blobs: large pages make that several times
@@ -175,9 +183,39 @@ class Store:
 
     # -- connections -------------------------------------------------------------------------
 
+    def _open_read_only(self) -> None:
+        if not self.path.is_file():
+            raise StoreError(f"no database at {self.path}")
+        try:
+            with self._reader() as conn:
+                version = conn.execute("PRAGMA user_version").fetchone()[0]
+        except sqlite3.Error as exc:
+            self.close()
+            raise StoreError(f"cannot read database {self.path}: {exc}") from exc
+        if version != SCHEMA_VERSION:
+            self.close()
+            newer = version > SCHEMA_VERSION
+            raise StoreError(
+                f"database {self.path} has schema version {version}; this ncserve reads "
+                f"{SCHEMA_VERSION}: "
+                + (
+                    "upgrade ncserve"
+                    if newer
+                    else "open it once with `ncserve serve` to upgrade it"
+                )
+            )
+
     def _connect(self) -> sqlite3.Connection:
-        # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE ... COMMIT).
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+        if self.read_only:
+            uri = f"file:{self.path.resolve()}?mode=ro"
+            conn = sqlite3.connect(
+                uri, uri=True, isolation_level=None, check_same_thread=False, timeout=30
+            )
+        else:
+            # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE ... COMMIT).
+            conn = sqlite3.connect(
+                self.path, isolation_level=None, check_same_thread=False, timeout=30
+            )
         conn.execute("PRAGMA synchronous = NORMAL")
         conn.execute("PRAGMA foreign_keys = ON")
         with self._connections_lock:
@@ -200,7 +238,8 @@ class Store:
         """One write transaction; any SQLite failure rolls it back and becomes a ServiceError."""
         with self._write_lock:
             if self._closed:
-                raise Unavailable(f"store is closed, could not {what}")
+                state = "read-only" if self.read_only else "closed"
+                raise Unavailable(f"store is {state}, could not {what}")
             conn = self._writer
             try:
                 conn.execute("BEGIN IMMEDIATE")
@@ -486,6 +525,12 @@ class Store:
         if row is None:
             return None
         return ShardRecord(run_id, step, rank, round_, row[0], row[1], row[2])
+
+    def open_step_counts(self) -> dict[str, int]:
+        """Open steps per run."""
+        with self._reader() as conn:
+            rows = conn.execute("SELECT run_id, COUNT(*) FROM open_steps GROUP BY run_id")
+            return {run_id: int(count) for run_id, count in rows}
 
     def open_steps(self) -> list[OpenStepRecord]:
         """Every open step with its merged tensors and accepted shards (for restart)."""
