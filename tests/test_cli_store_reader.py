@@ -64,3 +64,33 @@ def test_an_unreachable_server_names_the_store_to_read(tmp_path: Path) -> None:
     code, out = run("runs", "--target", "127.0.0.1:1", "--deadline", "0.5")
     assert code == 2 and out.count("\n") == 1
     assert "ncserve runs --db FILE" in out and "runs/<run-id>/service/ncserve.db" in out
+
+
+def _ncserve_serve(*args: str):
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-m", "ncserve", "serve", *args],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+
+
+def test_busy_ports_are_one_line_errors_that_leave_no_file(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        for args, needle in (
+            (("--listen", f"127.0.0.1:{port}"), f"cannot listen on 127.0.0.1:{port}"),
+            (("--listen", "127.0.0.1:0", "--metrics-port", str(port)),
+             f"cannot serve /metrics on 127.0.0.1:{port}"),
+        ):  # fmt: skip
+            db = tmp_path / "new.db"
+            done = _ncserve_serve(*args, "--db", str(db))
+            lines = done.stderr.strip().splitlines()
+            assert done.returncode == 2, done.stderr
+            assert len(lines) == 1 and needle in lines[0] and "Traceback" not in done.stderr
+            assert not list(tmp_path.glob("new.db*")), "a failed start left its database"

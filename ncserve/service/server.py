@@ -8,6 +8,7 @@ handle.stop(grace_s=5)             # NOT_SERVING, drain, close the store
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 from concurrent import futures
 from pathlib import Path
@@ -257,6 +258,38 @@ def _add_servicer(servicer: NCServicer, server: grpc.Server) -> None:
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
+def _bind(server: grpc.Server, config: ServerConfig, host: str, port: int) -> int:
+    """Bind the gRPC port; OSError naming the address when it cannot be."""
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if port:
+        # Asked first with a plain socket: gRPC's own failure comes with a log line of its
+        # core on stderr and no reason.
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((host, port))
+            except OSError as exc:
+                raise OSError(f"cannot listen on {config.listen}: {exc.strerror or exc}") from None
+    try:
+        if config.tls_cert is not None and config.tls_key is not None:
+            ca = None if config.client_ca is None else _read(config.client_ca, "client CA")
+            credentials = grpc.ssl_server_credentials(
+                [(_read(config.tls_key, "TLS key"), _read(config.tls_cert, "TLS certificate"))],
+                root_certificates=ca,
+                require_client_auth=ca is not None,
+            )
+            bound = server.add_secure_port(address, credentials)
+        else:
+            bound = server.add_insecure_port(address)
+    except RuntimeError:  # grpcio raises "Failed to bind to address ..."
+        bound = 0
+    if bound == 0:
+        raise OSError(f"cannot listen on {config.listen}: the port is in use or the address is "
+                      "not one of this machine's")  # fmt: skip
+    return bound
+
+
 def start_server(config: ServerConfig) -> ServerHandle:
     """Open the store, bind the gRPC server (and exporter), start serving; return a handle.
 
@@ -264,9 +297,51 @@ def start_server(config: ServerConfig) -> ServerHandle:
     ncserve.service.store.StoreError (database unusable), each naming what is wrong.
     """
     metrics = ServiceMetrics(series_grace_s=config.series_grace_s)
-    store = Store(config.db_path)
+    interceptors: list[grpc.ServerInterceptor] = []
+    if config.token is not None:
+
+        def count_rejection(method: str) -> None:
+            if method in _PUSH_METHODS:
+                metrics.shard_rejected("unauthenticated")
+
+        interceptors.append(TokenAuthInterceptor(config.token.get_secret_value(), count_rejection))
+    server = grpc.server(
+        futures.ThreadPoolExecutor(
+            max_workers=config.max_workers, thread_name_prefix="ncserve-rpc"
+        ),
+        interceptors=interceptors,
+        options=[
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_send_message_length", config.max_message_bytes),
+            # Two servers on one port would split the ranks of a run between them.
+            ("grpc.so_reuseport", 0),
+            # Without BDP probing each stream's receive window stays at gRPC's default
+            # instead of growing to MBs per rank: memory stays flat with the number of
+            # ranks, and in-cluster round trips are short enough not to need more.
+            ("grpc.http2.bdp_probe", 0),
+        ],
+    )
+    # The ports first, then the store: a port in use fails before anything is created.
+    new_database = not Path(config.db_path).exists()
+    exporter = None
+    store: Store | None = None
     guard: StreamGuard | None = None
     try:
+        host, port = split_host_port(config.listen)
+        bound = _bind(server, config, host, port)
+        metrics_port = None
+        if config.metrics_port is not None:
+            try:
+                exporter = start_exporter(
+                    metrics.registry, config.metrics_host, config.metrics_port
+                )
+            except OSError as exc:
+                raise OSError(
+                    f"cannot serve /metrics on {config.metrics_host}:{config.metrics_port}: "
+                    f"{exc.strerror or exc}"
+                ) from None
+            metrics_port = int(exporter[0].server_port)
+        store = Store(config.db_path)
         limits = AggregatorLimits(
             max_runs=config.max_runs,
             max_open_steps=config.max_open_steps,
@@ -279,33 +354,6 @@ def start_server(config: ServerConfig) -> ServerHandle:
         )
         aggregator = Aggregator(store, metrics, limits)
         metrics.attach(aggregator.runs, store, aggregator.open_step_count)
-
-        interceptors: list[grpc.ServerInterceptor] = []
-        if config.token is not None:
-
-            def count_rejection(method: str) -> None:
-                if method in _PUSH_METHODS:
-                    metrics.shard_rejected("unauthenticated")
-
-            interceptors.append(
-                TokenAuthInterceptor(config.token.get_secret_value(), count_rejection)
-            )
-        server = grpc.server(
-            futures.ThreadPoolExecutor(
-                max_workers=config.max_workers, thread_name_prefix="ncserve-rpc"
-            ),
-            interceptors=interceptors,
-            options=[
-                ("grpc.max_receive_message_length", config.max_message_bytes),
-                ("grpc.max_send_message_length", config.max_message_bytes),
-                # Two servers on one port would split the ranks of a run between them.
-                ("grpc.so_reuseport", 0),
-                # Without BDP probing each stream's receive window stays at gRPC's default
-                # instead of growing to MBs per rank: memory stays flat with the number of
-                # ranks, and in-cluster round trips are short enough not to need more.
-                ("grpc.http2.bdp_probe", 0),
-            ],
-        )
         guard = StreamGuard(config.stream_limits())
         _add_servicer(
             NCServicer(
@@ -320,32 +368,19 @@ def start_server(config: ServerConfig) -> ServerHandle:
              reflection.SERVICE_NAME),
             server,
         )  # fmt: skip
-
-        host, port = split_host_port(config.listen)
-        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        if config.tls_cert is not None and config.tls_key is not None:
-            ca = None if config.client_ca is None else _read(config.client_ca, "client CA")
-            credentials = grpc.ssl_server_credentials(
-                [(_read(config.tls_key, "TLS key"), _read(config.tls_cert, "TLS certificate"))],
-                root_certificates=ca,
-                require_client_auth=ca is not None,
-            )
-            bound = server.add_secure_port(address, credentials)
-        else:
-            bound = server.add_insecure_port(address)
-        if bound == 0:
-            raise OSError(f"cannot listen on {config.listen} (in use or not a local address)")
-
-        exporter = None
-        metrics_port = None
-        if config.metrics_port is not None:
-            exporter = start_exporter(metrics.registry, config.metrics_host, config.metrics_port)
-            metrics_port = int(exporter[0].server_port)
         server.start()
     except BaseException:
+        server.stop(None)
+        if exporter is not None:
+            exporter[0].shutdown()
+            exporter[0].server_close()
         if guard is not None:
             guard.close()
-        store.close()
+        if store is not None:
+            store.close()
+        if new_database:  # a failed start leaves no file behind
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{config.db_path}{suffix}").unlink(missing_ok=True)
         raise
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
