@@ -242,7 +242,7 @@ def test_cli_tables_and_watch(server: ServerHandle, tmp_path: Path) -> None:
     [
         ("query", "nope"),
         ("query", "nope", "--all"),
-        ("watch", "nope"),
+        ("watch", "nope", "--wait", "0"),
         ("query", "t", "--step", "9"),
     ],
 )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import time
 import urllib.request
 from pathlib import Path
 
@@ -440,5 +441,47 @@ def test_cli_lists_states_filters_and_deletes(tmp_path: Path) -> None:
         again = runner.invoke(cli, ["delete", "ended", "--yes", *target])
         assert again.exit_code == 2 and len(again.output.strip().splitlines()) == 1
         assert "no run with this id" in again.output
+    finally:
+        handle.stop(0.5)
+
+
+def test_watch_waits_for_a_run_to_start_and_exits_when_it_ends(tmp_path: Path) -> None:
+    import threading
+
+    from click.testing import CliRunner
+
+    from ncserve.cli import cli
+
+    handle = start_test_server(tmp_path / "nc.db")
+    result: dict = {}
+
+    def watch() -> None:
+        result["out"] = CliRunner().invoke(
+            cli,
+            ["watch", "late", "--target", handle.address, "--wait", "30", "--format", "json"],
+        )
+
+    try:
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        channel, stub = insecure_stub(handle.port)
+        with channel:
+            time.sleep(1.5)  # the watch is waiting for the run to exist
+            register(stub, "late", DATA)
+            time.sleep(1.5)  # the watch stream is open now
+            run_step_sequentially(stub, "late", 2, DATA)
+            stub.FinishRun(pb.FinishRunRequest(run_id="late", state=pb.RUN_FINISHED,
+                                               reason="done"), timeout=5)  # fmt: skip
+        watcher.join(timeout=30)
+        assert not watcher.is_alive(), "watch did not exit when the run finished"
+        out = result["out"]
+        assert out.exit_code == 0, out.output
+        assert "waiting up to 30 s for run late to start" in out.output
+        assert '"step": 2' in out.output and "run late finished: done" in out.output
+        # A run that never starts: one line once --wait has passed.
+        never = CliRunner().invoke(
+            cli, ["watch", "never", "--target", handle.address, "--wait", "0.5"]
+        )
+        assert never.exit_code == 2 and "did not start within 0.5 s" in never.output
     finally:
         handle.stop(0.5)

@@ -26,7 +26,7 @@ from ncserve.client import NCClient, ServiceError, TLSConfig
 from ncserve.errors import UserError
 from ncserve.features import FeaturesFileError, load_features
 from ncserve.metrics import METRIC_KEYS, MetricInputError, round1_stats, round2_stats
-from ncserve.protocol import RUN_STATES
+from ncserve.protocol import RUN_END_STATES, RUN_STATES
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -409,6 +409,14 @@ def query(
     metavar="SECONDS",
     help="How long to keep reconnecting when the service goes away (e.g. restarts).",
 )
+@click.option(
+    "--wait",
+    type=click.FloatRange(min=0),
+    default=60.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="How long to wait for RUN to be registered when it has not started yet (0: fail at once).",
+)
 @FORMAT_OPTION
 @client_options
 @_command
@@ -419,15 +427,17 @@ def watch(
     count: int | None,
     include_incomplete: bool,
     reconnect: float,
+    wait: float,
     fmt: str,
 ) -> None:
-    """Stream measurements of RUN as they are finalized (one line each; Ctrl-C stops).
+    """Stream measurements of RUN as they are finalized (one line each; Ctrl-C stops). Waits
+    for a run that has not started yet, and exits when the run finishes or fails.
 
     json prints one JSON object per line; table one row per step.
     """
     with connected(opts) as client:
-        # Surface an unknown run or an unreachable service at once, not on the first event.
-        client.get_run(run_id)
+        # Surface an unreachable service at once, not on the first event.
+        _wait_for_run(client, run_id, wait)
         seen = 0
         if fmt == "table":
             click.echo(_table(_ROW_KEYS, [], _STREAM_WIDTH))
@@ -449,6 +459,31 @@ def watch(
                     return
         except KeyboardInterrupt:
             return
+        run = client.get_run(run_id)
+        if run["state"] in RUN_END_STATES:
+            why = f": {run['state_reason']}" if run["state_reason"] else ""
+            click.echo(f"run {run_id} {run['state']}{why}", err=True)
+
+
+def _wait_for_run(client: NCClient, run_id: str, wait_s: float) -> None:
+    """Return once RUN is registered; UserError after ``wait_s`` without it."""
+    deadline = time.monotonic() + wait_s
+    said = False
+    while True:
+        try:
+            client.get_run(run_id)
+            return
+        except ServiceError as error:
+            if error.code != grpc.StatusCode.NOT_FOUND:
+                raise
+            if time.monotonic() >= deadline:
+                raise UserError(
+                    f"NOT_FOUND: run {run_id!r} did not start within {wait_s:g} s (--wait)"
+                ) from None
+        if not said:
+            click.echo(f"waiting up to {wait_s:g} s for run {run_id} to start...", err=True)
+            said = True
+        time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
 
 
 @click.command("push")

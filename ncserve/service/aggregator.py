@@ -187,6 +187,8 @@ class Aggregator(RunQueries):
 
     def finish_run(self, run_id: str, state: str, reason: str) -> RunView:
         self.runs.finish(run_id, state, reason)
+        with self._lock:
+            self._bump()  # watchers of the run end their streams
         return self.run_view(run_id)
 
     def heartbeat(self, run_id: str) -> RunRecord:

@@ -17,7 +17,7 @@ import grpc
 
 from ncserve import wire
 from ncserve.metrics import ClassMeans
-from ncserve.protocol import RUN_STATE_NAMES, RUN_STATE_VALUES
+from ncserve.protocol import RUN_END_STATES, RUN_STATE_NAMES, RUN_STATE_VALUES
 from ncserve.service.aggregator import (
     Aggregator,
     PushResult,
@@ -497,10 +497,13 @@ class NCServicer(pb_grpc.NCServiceServicer):
             for record in backlog:
                 yield measurement(record)
             while context.is_active() and not self._agg.shutting_down:
-                # Read the event counter before querying: a change in between is not
-                # missed.
+                # Read the event counter and the run's state before querying: a change in
+                # between is not missed.
                 seq = self._agg.event_seq
+                ended = self._agg.run(request.run_id).state in RUN_END_STATES
                 for record in self._agg.measurements_after(request.run_id, last_id, include):
                     last_id = max(last_id, record.id)
                     yield measurement(record)
+                if ended:
+                    return  # finished or failed: everything it stored has been sent
                 self._agg.wait_for_change(seq, 1.0)

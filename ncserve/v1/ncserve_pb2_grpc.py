@@ -192,7 +192,8 @@ class NCServiceServicer:
 
     def WatchMetrics(self, request, context):
         """Measurements of a run as they are finalized (and, if asked, the steps
-        marked incomplete). Ends when the client cancels or the server shuts down.
+        marked incomplete). Ends when the client cancels, the server shuts down, or
+        the run finishes or fails (after every measurement stored by then).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
