@@ -1,4 +1,4 @@
-"""Optimizers and learning-rate schedules, defined exactly as in docs nc-science.md.
+"""Optimizers and learning-rate schedules, defined exactly as in docs/theory.md.
 
 The optimizer is the independent variable of the study, so every update rule
 here is written out rather than approximated. Notation in the docstrings:

@@ -1,4 +1,4 @@
-"""Optimizers against their defining formulas (nc-science.md) and the nc0 theory.
+"""Optimizers against their defining formulas (docs/theory.md) and the nc0 theory.
 
 Expected trajectories are computed here in plain numpy from the update rules,
 never by calling the optimizer under test. Legend: W weights, g gradient,

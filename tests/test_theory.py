@@ -22,7 +22,7 @@ from tests.launcher_support import TINY, metrics, run_ok
 
 
 def three_term_recursion(lr: float, momentum: float, wd: float, steps: int) -> list[float]:
-    """The form stated in docs nc-science.md, valid for a constant lr."""
+    """The three-term form of docs/theory.md, valid for a constant lr."""
     c = [1.0, 1.0 - lr * wd]
     while len(c) <= steps:
         c.append((1 + momentum - lr * wd) * c[-1] - momentum * c[-2])
