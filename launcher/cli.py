@@ -27,6 +27,7 @@ from launcher.config import (
     to_yaml,
 )
 from launcher.data import DATASET_NAMES
+from launcher.data.datasets import SYNTHETIC_DEFAULTS
 from launcher.models import MODEL_NAMES
 from launcher.optim import OPTIMIZER_NAMES, SCHEDULE_NAMES
 from launcher.sweep import sweep_command
@@ -157,15 +158,21 @@ FLAGS: tuple[Flag, ...] = (
         "data.num_classes",
         "synthetic: number of classes K.",
         click.IntRange(min=2),
+        default_text=f"{SYNTHETIC_DEFAULTS['num_classes']} (synthetic only)",
     ),
     Flag(
-        ("--feature-dim",), "data.feature_dim", "synthetic: input dimension.", click.IntRange(min=1)
+        ("--feature-dim",),
+        "data.feature_dim",
+        "synthetic: input dimension.",
+        click.IntRange(min=1),
+        default_text=f"{SYNTHETIC_DEFAULTS['feature_dim']} (synthetic only)",
     ),
     Flag(
         ("--num-samples",),
         "data.num_samples",
         "synthetic: number of samples.",
         click.IntRange(min=2),
+        default_text=f"{SYNTHETIC_DEFAULTS['num_samples']} (synthetic only)",
     ),
     Flag(
         ("--holdout",),

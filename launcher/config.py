@@ -23,7 +23,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from launcher.data import DATASET_NAMES
-from launcher.data.datasets import FILE_DATASETS
+from launcher.data.datasets import FILE_DATASETS, SYNTHETIC_DEFAULTS
 from launcher.models import MODEL_NAMES
 from launcher.optim import OPTIMIZER_NAMES, SCHEDULE_NAMES
 
@@ -112,9 +112,11 @@ class DataConfig(_Section):
     data_dir: Path | None = Field(
         None, description="folder of mnist/fashionmnist/cifar/imagefolder"
     )
-    num_classes: int = Field(10, ge=2, description="synthetic: number of classes K")
-    feature_dim: int = Field(32, ge=1, description="synthetic: input dimension")
-    num_samples: int = Field(2000, ge=2, description="synthetic: number of samples")
+    # The synthetic dataset's shape; None for every other dataset (theirs is the data's),
+    # and for synthetic until resolve() fills in SYNTHETIC_DEFAULTS.
+    num_classes: int | None = Field(None, ge=2, description="synthetic: number of classes K")
+    feature_dim: int | None = Field(None, ge=1, description="synthetic: input dimension")
+    num_samples: int | None = Field(None, ge=2, description="synthetic: number of samples")
     holdout: float = Field(0.0, ge=0.0, lt=1.0, description="fraction held out for NC4/accuracy")
     measure_samples_per_class: int | None = Field(
         None, ge=1, description="measurement split per class; default all training samples"
@@ -130,6 +132,14 @@ class DataConfig(_Section):
         if self.dataset in FILE_DATASETS and self.data_dir is None:
             raise ValueError(f"dataset {self.dataset!r} reads files: give --data-dir")
         return self
+
+    def resolve_synthetic(self) -> None:
+        """Fill the synthetic shape's defaults (synthetic only: other datasets keep None,
+        so config.yaml records no setting that did not apply)."""
+        if self.dataset == "synthetic":
+            for name, value in SYNTHETIC_DEFAULTS.items():
+                if getattr(self, name) is None:
+                    setattr(self, name, value)
 
 
 class OptimConfig(_Section):
@@ -307,6 +317,7 @@ def resolve(config: RunConfig, *, cuda_available: bool, cpu_count: int | None = 
             launch.nproc_per_node = str(cpu_count or os.cpu_count() or 1)
     if resolved.optim.lr is None:
         resolved.optim.lr = DEFAULT_LRS[resolved.optim.name]
+    resolved.data.resolve_synthetic()
     if not resolved.run_id:
         # Every node of a multi-machine job must name the run alike: the rendezvous id is
         # the one value they already share.

@@ -162,6 +162,14 @@ class DeepSpeedEngine:
         total_steps: int,
         world_size: int,
     ) -> None:
+        if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+            # Otherwise silent for a minute or two: DeepSpeed compiles a C++ op the first
+            # time it runs on a machine (cached in TORCH_EXTENSIONS_DIR afterwards).
+            print(
+                "starting DeepSpeed (its first run on a machine builds a C++ op: about a "
+                "minute, cached afterwards)...",
+                flush=True,
+            )
         import deepspeed
 
         self._deepspeed = deepspeed

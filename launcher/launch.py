@@ -33,8 +33,9 @@ from torch.distributed.elastic.rendezvous.api import RendezvousError
 from torch.distributed.launcher.api import LaunchConfig as ElasticLaunchConfig
 from torch.distributed.launcher.api import elastic_launch
 
+from launcher import STARTED
 from launcher.config import RunConfig, parse_nnodes
-from launcher.report import summary_table, write_report
+from launcher.report import make_console, summary_table, write_report
 from launcher.rundir import RunDir
 from launcher.trainer import Runtime, run_worker
 from ncserve.protocol import RUN_FAILED
@@ -190,7 +191,7 @@ def plan_launch(config: RunConfig, run_dir: RunDir) -> LaunchPlan:
 
 def run(config: RunConfig, console: Console | None = None) -> int:
     """Run training to the end; returns the process exit status."""
-    console = console or Console()
+    console = console or make_console()
     assert config.run_dir is not None
     run_dir = RunDir(config.run_dir)
     run_dir.create(config)
@@ -214,7 +215,6 @@ def run(config: RunConfig, console: Console | None = None) -> int:
         f"{_describe(config, plan)}; run directory {run_dir.root}",
         highlight=False,
     )
-    started = time.monotonic()
     try:
         elastic_launch(plan.elastic, run_worker)(config.model_dump_json(), runtime.to_json())
     except ChildFailedError as err:
@@ -246,7 +246,7 @@ def run(config: RunConfig, console: Console | None = None) -> int:
     finally:
         if service is not None:
             service.stop()
-    elapsed = time.monotonic() - started
+    elapsed = time.monotonic() - STARTED  # what the user waited, start-up included
     rows = run_dir.read_metrics()
     if rows:
         write_report(rows, run_dir.report_path, title=config.run_id)
@@ -314,5 +314,5 @@ def _describe(config: RunConfig, plan: LaunchPlan) -> str:
     return (
         f"{where} on {launch.device}, {engine}, {config.optim.name} lr {config.optim.lr:g} "
         f"wd {config.optim.weight_decay:g}, {config.model.name} on {config.data.dataset}, "
-        f"{config.train.epochs} epochs"
+        f"{config.train.epochs} epoch{'s' if config.train.epochs != 1 else ''}"
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -42,6 +43,14 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def make_console() -> Console:
+    """A console whose lines do not wrap at 80 columns when stdout is a pipe or a file (a CI
+    log, ``| tee``): long lines stay whole there, and tables get room."""
+    if sys.stdout.isatty():
+        return Console(soft_wrap=True)
+    return Console(soft_wrap=True, width=160)
+
+
 class TrainingProgress:
     """Rank 0's progress bar: epoch, step, running loss and accuracy, latest nc0 and nc1.
 
@@ -54,7 +63,7 @@ class TrainingProgress:
     ) -> None:
         self.enabled = enabled
         self.epochs = epochs
-        self.console = Console(stderr=False)
+        self.console = make_console()
         self.live = enabled and self.console.is_terminal
         self._fields: dict[str, Any] = {"loss": "-", "acc": "-", "nc0": "-", "nc1": "-"}
         self._progress = Progress(
@@ -121,9 +130,13 @@ class TrainingProgress:
                 self._fields[key] = _fmt(row[key])
         self._refresh()
         if self.enabled and not self.live and row:
+            # The line is the measurement's own: its step's training loss and accuracy
+            # (none at step 0), not the running values of a later step it settled at.
+            loss, acc = row.get("train_loss"), row.get("train_acc")
             self.console.print(
                 f"epoch {epoch}/{self.epochs} step {row.get('step')}: "
-                f"loss {self._fields['loss']} acc {self._fields['acc']} "
+                f"loss {'-' if loss is None else f'{loss:.4f}'} "
+                f"acc {'-' if acc is None else f'{100 * acc:.1f}%'} "
                 f"nc0 {self._fields['nc0']} nc1 {self._fields['nc1']}",
                 highlight=False,
             )

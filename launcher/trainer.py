@@ -385,6 +385,11 @@ class Trainer:
             if rng is not None and len(rng) == self.world_size:
                 torch.set_rng_state(rng[self.rank])
             log.info("resumed from %s at step %d (epoch %d)", path, self.step, self.epoch)
+            if self.rank == 0:
+                print(
+                    f"resumed from checkpoint {path} at step {self.step} (epoch {self.epoch})",
+                    flush=True,
+                )
         elif self.config.resume:
             log.warning(
                 "--resume: no checkpoint in %s, starting from step 0", self.checkpoints.root

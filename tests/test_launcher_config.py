@@ -201,3 +201,33 @@ def test_export_and_report_errors_are_one_line(tmp_path: Path) -> None:
     assert code == 2 and "no checkpoint in" in output and "Traceback" not in output
     code, output = invoke("report", str(tmp_path))
     assert code == 2 and "metrics.jsonl: no measurements" in output
+
+
+def test_only_the_synthetic_dataset_records_a_synthetic_shape() -> None:
+    from launcher.config import RunConfig, resolve
+    from launcher.data.datasets import SYNTHETIC_DEFAULTS
+
+    mnist = resolve(RunConfig(), cuda_available=False, cpu_count=2).data
+    assert (mnist.num_classes, mnist.feature_dim, mnist.num_samples) == (None, None, None)
+    synthetic = resolve(
+        RunConfig.model_validate({"data": {"dataset": "synthetic", "num_samples": 64}}),
+        cuda_available=False,
+        cpu_count=2,
+    ).data
+    assert synthetic.num_samples == 64
+    assert synthetic.num_classes == SYNTHETIC_DEFAULTS["num_classes"]
+    assert synthetic.feature_dim == SYNTHETIC_DEFAULTS["feature_dim"]
+
+
+def test_a_late_measurement_line_shows_its_own_step_values(capsys) -> None:
+    from launcher.report import TrainingProgress
+
+    progress = TrainingProgress(epochs=1, steps_per_epoch=30, enabled=True)
+    assert not progress.live  # pytest captures stdout: one line per measurement
+    with progress:
+        progress.set_running(0.1234, 0.5, 1.0)  # step 30's running loss
+        progress.epoch_done(1, {}, {"step": 0, "train_loss": None, "train_acc": None, "nc0": 2.0})
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("epoch 1/1 step 0: loss - acc - nc0 2")
+    assert "0.1234" not in line
+    assert len(line) < 160  # and it was not wrapped at 80 columns

@@ -57,13 +57,17 @@ class DatasetSplits:
     name: str
 
 
+# The shape of the synthetic dataset when none is given (it alone takes one).
+SYNTHETIC_DEFAULTS = {"num_classes": 10, "feature_dim": 32, "num_samples": 2000}
+
+
 def load_dataset(
     name: str,
     data_dir: Path | None = None,
     *,
-    num_classes: int = 10,
-    feature_dim: int = 32,
-    num_samples: int = 2000,
+    num_classes: int | None = None,
+    feature_dim: int | None = None,
+    num_samples: int | None = None,
     seed: int = 0,
     holdout_fraction: float = 0.0,
 ) -> DatasetSplits:
@@ -94,7 +98,13 @@ def load_dataset(
     if name == "mnist1d":
         return _mnist1d(seed, holdout_fraction)
     if name == "synthetic":
-        return _synthetic(num_classes, feature_dim, num_samples, seed, holdout_fraction)
+        return _synthetic(
+            SYNTHETIC_DEFAULTS["num_classes"] if num_classes is None else num_classes,
+            SYNTHETIC_DEFAULTS["feature_dim"] if feature_dim is None else feature_dim,
+            SYNTHETIC_DEFAULTS["num_samples"] if num_samples is None else num_samples,
+            seed,
+            holdout_fraction,
+        )
 
     train: RawSplit
     test: RawSplit | None = None
