@@ -155,27 +155,60 @@ def summary_table(rows: list[dict[str, Any]], run_dir: Path) -> Table:
     return table
 
 
+# What each panel's y axis holds.
+Y_LABELS: dict[str, str] = {
+    "nc0": "‖Wᵀ1‖",
+    "nc0_normalized": "‖Wᵀ1‖ / ‖W‖_F",
+    "nc1": "Tr(Σ_W Σ_B⁺) / K",
+    "nc1_trace_ratio": "Tr(Σ_W) / Tr(Σ_B)",
+    "cdnv": "class-distance variance",
+    "nc2_norm": "std / mean of norms",
+    "nc2_angle": "mean |cos + 1/(K-1)|",
+    "nc2": "distance to simplex ETF",
+    "nc2w_norm": "std / mean of row norms",
+    "nc2w_angle": "mean |cos + 1/(K-1)|",
+    "nc2w": "distance to simplex ETF",
+    "nc2m": "distance to simplex ETF",
+    "nc3": "‖W/‖W‖ − Mᵀ/‖M‖‖",
+}
+# A panel whose values span less than this factor is drawn on a linear axis.
+LOG_SPAN = 10.0
+
+
 def write_report(rows: list[dict[str, Any]], path: Path, title: str = "") -> Path | None:
-    """report.png: every NC metric against epoch (log scale) and the accuracies (linear)."""
+    """report.png: every NC metric against epoch (log axes where the values span a decade
+    or more, linear otherwise), the accuracies, and the run's verdict under the title."""
     if not rows:
         return None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import ScalarFormatter
+
+    from ncserve.report.figures import log_ticks
+    from ncserve.report.verdict import verdict
 
     present = [k for k in LOG_METRICS if any(_positive(r.get(k)) for r in rows)]
     panels = len(present) + 1
     cols = 4
     lines = math.ceil(panels / cols)
-    fig, axes = plt.subplots(lines, cols, figsize=(4 * cols, 3 * lines), squeeze=False)
+    fig, axes = plt.subplots(lines, cols, figsize=(4 * cols, 3 * lines + 0.4), squeeze=False)
     epochs = [float(r.get("epoch", 0)) for r in rows]
     for ax, key in zip(axes.flat, present, strict=False):
         points = [(e, r[key]) for e, r in zip(epochs, rows, strict=True) if _positive(r.get(key))]
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3)
-        ax.set_yscale("log")
+        values = [p[1] for p in points]
+        ax.plot([p[0] for p in points], values, marker="o", markersize=3)
+        if max(values) / min(values) >= LOG_SPAN:
+            ax.set_yscale("log")
+            log_ticks(ax)
+        else:
+            formatter = ScalarFormatter(useOffset=False)
+            formatter.set_scientific(False)
+            ax.yaxis.set_major_formatter(formatter)
         ax.set_title(key)
         ax.set_xlabel("epoch")
+        ax.set_ylabel(Y_LABELS.get(key, key))
         ax.grid(True, which="both", alpha=0.3)
     ax = axes.flat[len(present)]
     for key, label in (
@@ -196,11 +229,12 @@ def write_report(rows: list[dict[str, Any]], path: Path, title: str = "") -> Pat
     ax.set_ylim(0, 1.02)
     ax.set_title("accuracy")
     ax.set_xlabel("epoch")
+    ax.set_ylabel("fraction")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize="small")
     for extra in axes.flat[panels:]:
         extra.set_visible(False)
-    fig.suptitle(title or str(rows[-1].get("run_id", "")))
+    fig.suptitle(f"{title or rows[-1].get('run_id', '')}\n{verdict(rows)}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -151,13 +151,14 @@ def test_png_and_html_reports(sweep_dir: Path, tmp_path: Path) -> None:
     report = build_report(load_runs([sweep_dir]), title="unit sweep")
     titles = [s.title for s in report.sections]
     assert "Momentum x weight decay" in titles and "nc0 against nc3" in titles
+    assert "What each run's NC0 says" in titles
     png, html = tmp_path / "r.png", tmp_path / "r.html"
     write_report(report, png)
     write_report(report, html)
     with Image.open(png) as image:
         assert image.format == "PNG"
     text = html.read_text()
-    assert _html_images(text) == 3  # curves, nc0-nc3, heatmap
+    assert _html_images(text) == 4  # verdicts, curves, nc0-nc3, heatmap
     assert "http://" not in text and "https://" not in text and "<script" not in text
     assert "<td>adam F=0.5</td>" in text and "×" in text
 
@@ -185,3 +186,67 @@ def test_report_user_errors(tmp_path: Path, make_args: Any, message: str) -> Non
     result = CliRunner().invoke(cli, ["report", *make_args(tmp_path / "empty")])
     assert result.exit_code == 2
     assert message in result.output and "Traceback" not in result.output
+
+
+def test_the_legend_names_every_setting_that_varies(tmp_path: Path) -> None:
+    from ncserve.report.figures import curve_colors, curve_labels
+
+    for name, opt, momentum in (("a", "sgd", 0.0), ("b", "sgd", 0.9), ("c", "adamw", 0.9)):
+        make_run(tmp_path, name, opt, momentum, 5e-3)
+    records = load_runs([tmp_path])
+    labels = curve_labels(records)
+    assert labels == {"a": "sgd momentum=0", "b": "sgd momentum=0.9", "c": "adamw momentum=0.9"}
+    colors = curve_colors(records, labels)
+    assert len(set(colors.values())) == 3  # two SGD settings: two shades, not one colour
+
+
+def test_the_verdict_reads_nc0_from_the_fit_on() -> None:
+    from ncserve.report.verdict import verdict
+
+    def rows(nc0s, accs):
+        return [
+            {"epoch": e, "nc0": n, "accuracy": a}
+            for e, (n, a) in enumerate(zip(nc0s, accs, strict=True))
+        ]
+
+    assert verdict(rows([2, 1.5, 1.0, 0.5], [0.5, 0.995, 0.999, 1.0])).startswith(
+        "NC0 decaying: x3 smaller since the fit at epoch 1"
+    )
+    assert verdict(rows([2, 2.1, 2.2, 2.3], [0.5, 0.995, 0.999, 1.0])).startswith(
+        "NC0 not decaying"
+    )
+    assert verdict(rows([2, 1.5], [0.5, 0.9])).startswith("not fitted yet")
+    assert "too early" in verdict(rows([2, 1.5], [0.5, 0.995]))
+
+
+def test_run_report_axes_are_linear_when_narrow_and_carry_the_verdict(tmp_path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    from launcher.report import write_report as write_run_report
+
+    rows = [
+        {"epoch": e, "step": 10 * e, "nc0": 1.776 + 0.006 * e, "nc1": 1.6 / (1 + 3 * e),
+         "accuracy": min(1.0, 0.9 + 0.03 * e), "run_id": "r"}
+        for e in range(8)
+    ]  # fmt: skip
+    captured = {}
+    real_savefig = matplotlib.figure.Figure.savefig
+
+    def keep(fig, *args, **kwargs):
+        captured["fig"] = fig
+        return real_savefig(fig, *args, **kwargs)
+
+    matplotlib.figure.Figure.savefig = keep
+    try:
+        write_run_report(rows, tmp_path / "report.png", title="r")
+    finally:
+        matplotlib.figure.Figure.savefig = real_savefig
+    fig = captured["fig"]
+    axes = {ax.get_title(): ax for ax in fig.axes if ax.get_visible()}
+    assert axes["nc0"].get_yscale() == "linear" and axes["nc0"].get_ylabel() == "‖Wᵀ1‖"
+    assert axes["nc1"].get_yscale() == "log"
+    assert "NC0 not decaying" in fig._suptitle.get_text()
+    plt.close(fig)

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.colors import LogNorm
+from matplotlib.colors import LogNorm, to_rgb
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, NullFormatter
@@ -93,7 +93,7 @@ def save_figure(fig: Figure, path: str) -> None:
     fig.savefig(path, dpi=DPI * 1.25, metadata=metadata, bbox_inches="tight", pad_inches=0.15)
 
 
-def _log_ticks(ax: Axes, axis: str = "y") -> None:
+def log_ticks(ax: Axes, axis: str = "y") -> None:
     """Plain numbers on a log axis (matplotlib's default reads 1.8x10^0 on a narrow one);
     minor ticks labelled when it spans under two decades (only 2 and 5 above one)."""
     target = ax.yaxis if axis == "y" else ax.xaxis
@@ -133,6 +133,63 @@ def label_colors(labels: Sequence[str]) -> dict[str, Color]:
     return colors
 
 
+# Settings a sweep may vary besides the optimizer, and their short names in a legend.
+VARIED_SETTINGS: tuple[tuple[str, str], ...] = (
+    ("optim.lr", "lr"),
+    ("optim.momentum", "momentum"),
+    ("optim.weight_decay", "wd"),
+    ("optim.beta2", "beta2"),
+    ("optim.lr_schedule", "schedule"),
+    ("model.name", "model"),
+    ("data.dataset", "data"),
+    ("train.batch_size", "batch"),
+    ("train.seed", "seed"),
+)
+
+
+def curve_labels(records: Sequence[RunRecord]) -> dict[str, str]:
+    """Per run name, its legend label: the optimizer, and every setting that varies among
+    the runs (so three SGD runs of different momentum are three entries, not one)."""
+    varying = [
+        (path, short)
+        for path, short in VARIED_SETTINGS
+        if len({repr(r.setting(path)) for r in records}) > 1
+    ]
+
+    def text(value: Any) -> str:
+        return f"{value:g}" if isinstance(value, float) else str(value)
+
+    return {
+        r.name: " ".join(
+            [r.label, *(f"{short}={text(r.setting(path))}" for path, short in varying)]
+        )
+        for r in records
+    }
+
+
+def curve_colors(records: Sequence[RunRecord], labels: Mapping[str, str]) -> dict[str, Color]:
+    """Per legend label a colour: the optimizer's, in shades from dark to light when several
+    settings of one optimizer are drawn."""
+    base = label_colors([r.label for r in records])
+    variants: dict[str, list[str]] = {}
+    for record in records:
+        group = variants.setdefault(record.label, [])
+        if labels[record.name] not in group:
+            group.append(labels[record.name])
+    colors: dict[str, Color] = {}
+    for optimizer, group in variants.items():
+        start = base[optimizer]
+        for i, label in enumerate(group):
+            t = 0.0 if len(group) == 1 else 0.65 * i / (len(group) - 1)
+            colors[label] = _towards_white(start, t)
+    return colors
+
+
+def _towards_white(color: Color, t: float) -> tuple[float, float, float]:
+    red, green, blue = to_rgb(color)
+    return (red + (1 - red) * t, green + (1 - green) * t, blue + (1 - blue) * t)
+
+
 def _blend(start: str, end: str, t: float) -> tuple[float, float, float]:
     a = np.array([int(start[i : i + 2], 16) for i in (1, 3, 5)]) / 255
     b = np.array([int(end[i : i + 2], 16) for i in (1, 3, 5)]) / 255
@@ -141,8 +198,9 @@ def _blend(start: str, end: str, t: float) -> tuple[float, float, float]:
 
 
 def curves_figure(records: list[RunRecord], predictions: dict[str, NC0Prediction]) -> Figure | None:
-    """Every NC metric against epoch, one line per run, one colour per optimizer; the exact
-    nc0 of sgd/sgdw runs dashed on the nc0 panel."""
+    """Every NC metric against epoch, one line per run, one colour per optimizer (in shades
+    when other settings vary; the legend names them); the exact nc0 of sgd/sgdw runs dashed
+    on the nc0 panel."""
     panels = [
         key
         for key in (*LOG_CURVES, *LINEAR_CURVES)
@@ -154,7 +212,8 @@ def curves_figure(records: list[RunRecord], predictions: dict[str, NC0Prediction
     lines = math.ceil(len(panels) / cols)
     fig = Figure(figsize=(3.6 * cols, 2.7 * lines + 0.6))
     axes = fig.subplots(lines, cols, squeeze=False)
-    colors = label_colors([r.label for r in records])
+    labels = curve_labels(records)
+    colors = curve_colors(records, labels)
     alpha = 0.9 if len(records) <= 12 else 0.4
     for ax, key in zip(axes.flat, panels, strict=False):
         log = key in LOG_CURVES
@@ -167,7 +226,7 @@ def curves_figure(records: list[RunRecord], predictions: dict[str, NC0Prediction
                 ax.plot(
                     epochs,
                     values,
-                    color=colors[record.label],
+                    color=colors[labels[record.name]],
                     alpha=alpha,
                     linewidth=1.2,
                     marker="o" if len(values) <= 30 else None,
@@ -179,7 +238,7 @@ def curves_figure(records: list[RunRecord], predictions: dict[str, NC0Prediction
                 ax.plot(prediction.epochs[keep], prediction.nc0[keep], **THEORY_STYLE)
         if log:
             ax.set_yscale("log")
-            _log_ticks(ax)
+            log_ticks(ax)
         else:
             ax.set_ylim(-0.02, 1.02)
         ax.set_title("train accuracy (measured)" if key == "accuracy" else key, fontsize=10)
@@ -207,6 +266,27 @@ def _curve_key(record: RunRecord, key: str) -> str:
 
 def _line(color: Color, label: str, dashed: bool = False) -> Line2D:
     return Line2D([], [], color=color, linestyle="--" if dashed else "-", label=label)
+
+
+VERDICTS_MAX_RUNS = 40
+
+
+def verdicts_figure(records: Sequence[RunRecord]) -> Figure | None:
+    """One line per run: its legend label and what its NC0 says (ncserve.report.verdict)."""
+    from ncserve.report.verdict import verdict
+
+    if not records:
+        return None
+    labels = curve_labels(records)
+    shown = list(records)[:VERDICTS_MAX_RUNS]
+    lines = [f"{labels[r.name]}  ({r.name}):  {verdict(r.rows)}" for r in shown]
+    if len(records) > len(shown):
+        lines.append(f"... and {len(records) - len(shown)} more runs")
+    fig = Figure(figsize=(12, 0.25 * len(lines) + 0.3))
+    for i, line in enumerate(lines):
+        fig.text(0.01, 1 - (i + 0.8) / (len(lines) + 0.2), line, fontsize=9, va="center",
+                 family="monospace")  # fmt: skip
+    return fig
 
 
 def title_figure(title: str, note: str) -> Figure:
@@ -309,8 +389,8 @@ def correlation_figure(rows: list[FinalRow]) -> Figure | None:
         ax.scatter(xs, ys, color=colors[label], label=label, s=28, alpha=0.85)
     ax.set_xscale("log")
     ax.set_yscale("log")
-    _log_ticks(ax, "x")
-    _log_ticks(ax, "y")
+    log_ticks(ax, "x")
+    log_ticks(ax, "y")
     ax.set_xlabel("final nc0 = ‖Wᵀ1‖")
     ax.set_ylabel("final nc3 (self-duality)")
     rho = spearman(np.array([p[1] for p in points]), np.array([p[2] for p in points]))
@@ -355,7 +435,7 @@ def _heatmap(
     image = ax.imshow(shown, cmap="viridis", norm=norm, aspect="auto", origin="lower")
     colorbar = ax.figure.colorbar(image, ax=ax, fraction=0.046)
     if norm is not None:
-        _log_ticks(colorbar.ax)
+        log_ticks(colorbar.ax)
     ax.set_xticks(range(len(decays)), [f"{d:g}" for d in decays], fontsize=8)
     ax.set_yticks(range(len(momenta)), [f"{m:g}" for m in momenta], fontsize=8)
     ax.set_xlabel("weight decay λ")
@@ -390,7 +470,7 @@ def nc0_factor_figure(steps: np.ndarray, factors: np.ndarray, title: str) -> Fig
     keep = magnitude > 0
     ax.plot(steps[keep], magnitude[keep], color=_FIXED_COLORS["sgd"])
     ax.set_yscale("log")
-    _log_ticks(ax)
+    log_ticks(ax)
     ax.set_xlabel("optimizer step t")
     ax.set_ylabel("|c_t| = nc0_t / nc0_0")
     ax.set_title(title, fontsize=9)
@@ -432,7 +512,7 @@ def ufm_figure(
         ax.plot(steps[keep], values[keep], **style)
     if log:
         ax.set_yscale("log")
-        _log_ticks(ax)
+        log_ticks(ax)
     ax.set_xlabel("step t")
     ax.set_ylabel("nc0 = ‖Wᵀ1‖")
     ax.set_title(title, fontsize=9)

@@ -21,6 +21,7 @@ from ncserve.report.figures import (
     table_cells,
     table_figure,
     title_figure,
+    verdicts_figure,
 )
 from ncserve.report.runs import NC0Prediction, RunRecord, nc0_prediction
 from ncserve.report.tables import (
@@ -104,9 +105,19 @@ def build_report(
         )
     report.sections.append(
         Section(
+            "What each run's NC0 says",
+            "Fitted when the measurement split reached 99% accuracy; then NC0 decaying (at least "
+            "5% smaller at the end than at the fit, as coupled weight decay makes it) or not "
+            "(collapse blocked): the reading the NeuralCollapseOnset / Blocked alerts use.",
+            verdicts_figure(kept),
+        )
+    )
+    report.sections.append(
+        Section(
             "NC metrics against epoch",
-            "One line per run, one colour per optimizer, log scale for the metrics that go to 0. "
-            "Dashed black on the nc0 panel: the exact nc0 of each sgd/sgdw run.",
+            "One line per run, one colour per optimizer (in shades, named in the legend, when "
+            "other settings vary), log scale for the metrics that go to 0. Dashed black on the "
+            "nc0 panel: the exact nc0 of each sgd/sgdw run.",
             curves_figure(kept, predictions),
         )
     )
