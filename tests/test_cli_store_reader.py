@@ -94,3 +94,20 @@ def test_busy_ports_are_one_line_errors_that_leave_no_file(tmp_path: Path) -> No
             assert done.returncode == 2, done.stderr
             assert len(lines) == 1 and needle in lines[0] and "Traceback" not in done.stderr
             assert not list(tmp_path.glob("new.db*")), "a failed start left its database"
+
+
+def test_every_serve_default_is_the_server_configs() -> None:
+    """One definition of each setting: `ncserve serve`'s defaults are ServerConfig's."""
+    from ncserve.cli.serve import serve
+    from ncserve.service.server import ServerConfig
+
+    checked = 0
+    for param in serve.params:
+        field = ServerConfig.model_fields.get(param.name or "")
+        if field is None:
+            continue
+        assert param.default == field.default, param.name
+        checked += 1
+    assert checked >= 20
+    shown = CliRunner().invoke(cli, ["serve", "--help"]).output
+    assert "[default: 1000;" in shown and "[default: (1h)]" in shown

@@ -100,7 +100,7 @@ def _write_port_file(path: Path, port: int) -> None:
 @click.command("serve")
 @click.option(
     "--listen",
-    default="127.0.0.1:50051",
+    default=_default("listen"),
     show_default=True,
     help="gRPC address HOST:PORT; port 0 lets the OS pick (see --port-file).",
 )
@@ -112,7 +112,7 @@ def _write_port_file(path: Path, port: int) -> None:
 )
 @click.option(
     "--metrics-host",
-    default="127.0.0.1",
+    default=_default("metrics_host"),
     show_default=True,
     help="Address the Prometheus exporter binds.",
 )
@@ -120,7 +120,7 @@ def _write_port_file(path: Path, port: int) -> None:
     "--db",
     "db_path",
     type=click.Path(dir_okay=False, path_type=Path),
-    default=Path("ncserve.db"),
+    default=_default("db_path"),
     show_default=True,
     help="SQLite database (created if missing; WAL mode; survives restarts).",
 )
@@ -145,7 +145,7 @@ def _write_port_file(path: Path, port: int) -> None:
     "--step-deadline",
     "step_deadline_s",
     type=click.FloatRange(min=0, min_open=True),
-    default=900.0,
+    default=_default("step_deadline_s"),
     show_default=True,
     help="Seconds a step may stay open before it is marked incomplete (never half-counted).",
 )
@@ -153,7 +153,7 @@ def _write_port_file(path: Path, port: int) -> None:
     "--grace",
     "grace_s",
     type=click.FloatRange(min=0),
-    default=10.0,
+    default=_default("grace_s"),
     show_default=True,
     help="Seconds to drain in-flight calls on SIGTERM before exiting.",
 )
@@ -186,7 +186,7 @@ def _write_port_file(path: Path, port: int) -> None:
 @click.option(
     "--max-workers",
     type=click.IntRange(min=4),
-    default=256,
+    default=_default("max_workers"),
     show_default=True,
     help="gRPC worker threads; a run's world_size may be at most this minus 16.",
 )
@@ -219,14 +219,14 @@ def _write_port_file(path: Path, port: int) -> None:
 @click.option(
     "--max-runs",
     type=click.IntRange(min=1),
-    default=1000,
+    default=_default("max_runs"),
     show_default=True,
     help="Runs the server holds; more registrations get RESOURCE_EXHAUSTED.",
 )
 @click.option(
     "--max-open-steps",
     type=click.IntRange(min=1),
-    default=256,
+    default=_default("max_open_steps"),
     show_default=True,
     help="Steps in flight over all runs; more get RESOURCE_EXHAUSTED.",
 )
@@ -241,14 +241,14 @@ def _write_port_file(path: Path, port: int) -> None:
 @click.option(
     "--max-message-bytes",
     type=click.IntRange(min=2 << 20),
-    default=4 << 20,
+    default=_default("max_message_bytes"),
     show_default=True,
     help="Largest gRPC message accepted (tensor chunks are at most 1 MiB).",
 )
 @click.option(
     "--max-inflight-bytes",
     type=click.IntRange(min=1 << 20),
-    default=48 << 20,
+    default=_default("max_inflight_bytes"),
     show_default=True,
     help="Shard payload bytes decoded at once over all pushes (a push is charged the size "
     "its header declares, else the most its round can carry); more pushes wait their turn, "

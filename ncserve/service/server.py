@@ -57,9 +57,11 @@ class ServerConfig(BaseModel):
     tls_cert: Path | None = None
     tls_key: Path | None = None
     client_ca: Path | None = Field(None, description="CA of client certificates (mTLS)")
-    step_deadline_s: float = Field(900.0, gt=0, description="open step -> incomplete after")
+    step_deadline_s: float = Field(
+        AggregatorLimits.step_deadline_s, gt=0, description="open step -> incomplete after"
+    )
     max_workers: int = Field(256, ge=4, description="gRPC worker threads")
-    max_runs: int = Field(1000, ge=1)
+    max_runs: int = Field(AggregatorLimits.max_runs, ge=1)
     max_open_steps: int = Field(AggregatorLimits.max_open_steps, ge=1)
     max_open_steps_per_run: int = Field(
         AggregatorLimits.max_open_steps_per_run,
