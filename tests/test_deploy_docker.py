@@ -84,14 +84,14 @@ def test_hadolint_reports_nothing() -> None:
 def test_stages_base_image_and_user() -> None:
     all_stages = stages()
     assert list(all_stages)[-1] == "service", "the default target runs ncserve serve"
-    assert {"build", "runtime", "trainer", "service"} <= set(all_stages)
-    base = all_stages["base"][0][1]
-    assert re.match(r"pytorch/pytorch:[\d.]+-cuda[\d.]+-cudnn\d+-runtime\s", base), base
-    runtime = dict((i, a) for i, a in all_stages["runtime"] if i == "USER")
-    assert runtime["USER"].split(":")[0] not in {"0", "root"}
+    assert {"build", "trainer", "service"} <= set(all_stages)
+    # The service on a slim Python base (no CUDA, no torch); the trainer on CUDA PyTorch.
+    assert re.match(r"python:3\.\d+-slim\s", all_stages["service"][0][1])
+    trainer_base = all_stages["trainer"][0][1]
+    assert re.match(r"pytorch/pytorch:[\d.]+-cuda[\d.]+-cudnn\d+-runtime\s", trainer_base)
     for stage in ("trainer", "service"):
-        assert all_stages[stage][0][1].split()[0] == "runtime"
-        assert not [a for i, a in all_stages[stage] if i == "USER"], "never switches back to root"
+        users = [a for i, a in all_stages[stage] if i == "USER"]
+        assert users and users[-1].split(":")[0] not in {"0", "root"}, stage
 
 
 def test_dockerfile_matches_pyproject() -> None:
@@ -112,9 +112,14 @@ def test_dockerfile_matches_pyproject() -> None:
     # The package is built from this repository and installed from that wheel.
     runs = [a for i, a in all_stages["build"] if i == "RUN"]
     assert any(re.search(r"pip wheel .*--no-deps .*\s\.$", r) for r in runs), runs
-    installs = [a for i, a in all_stages["runtime"] if i == "RUN" and "pip install" in a]
-    assert installs and "/tmp/wheels/*.whl" in installs[0]
-    assert "ncserve --help" in installs[0] and "nclaunch --help" in installs[0]
+    # The service installs the base package (and checks torch is not there); the trainer
+    # installs it with the training extra.
+    (service_install,) = [a for i, a in all_stages["service"] if i == "RUN" and "pip install" in a]
+    assert "/tmp/wheels/*.whl" in service_install and "[train]" not in service_install
+    assert "find_spec('torch') is not None" in service_install
+    assert "ncserve --help" in service_install
+    (trainer_install,) = [a for i, a in all_stages["trainer"] if i == "RUN" and "pip install" in a]
+    assert '"${wheel}[train]"' in trainer_install and "nclaunch --help" in trainer_install
     # Everything the build needs is copied: pyproject, its readme, every package.
     copied = set()
     for instruction, args in all_stages["build"]:
@@ -153,7 +158,7 @@ def test_healthcheck_and_service_command() -> None:
     (healthcheck,) = [a for i, a in service if i == "HEALTHCHECK"]
     command = exec_form(healthcheck.split("CMD", 1)[1].strip())
     assert command[0] == "ncserve-healthcheck"
-    copies = [a for i, a in stages()["runtime"] if i == "COPY" and "ncserve-healthcheck" in a]
+    copies = [a for i, a in service if i == "COPY" and "ncserve-healthcheck" in a]
     assert copies and copies[0].split()[-1] == "/usr/local/bin/ncserve-healthcheck"
     (cmd,) = [a for i, a in service if i == "CMD"]
     serve = exec_form(cmd)

@@ -630,3 +630,22 @@ def test_notes_render() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "NOTES:" in result.stdout and "helm test demo" in result.stdout
+
+
+def test_the_service_and_the_trainer_run_their_own_images() -> None:
+    docs = render_set(
+        "image.repository=reg/ncserve",
+        "image.tag=1.2.3",
+        "trainer.image.repository=reg/ncserve-trainer",
+        "trainer.image.digest=sha256:" + "a" * 64,
+    )
+    (server,) = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"]
+    assert server["image"] == "reg/ncserve:1.2.3"
+    (trainer,) = one(docs, "Job")["spec"]["template"]["spec"]["containers"]
+    assert trainer["image"] == "reg/ncserve-trainer@sha256:" + "a" * 64
+    defaults = render()
+    (trainer,) = one(defaults, "Job")["spec"]["template"]["spec"]["containers"]
+    (server,) = one(defaults, "Deployment")["spec"]["template"]["spec"]["containers"]
+    assert trainer["image"].startswith("ncserve-trainer:") and server["image"].startswith(
+        "ncserve:"
+    )

@@ -74,14 +74,25 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- default (printf "%s-data" (include "ncserve.fullname" .)) .Values.server.persistence.existingClaim }}
 {{- end }}
 
-{{/* Container image, shared by the service, the trainer and the test pod. */}}
-{{- define "ncserve.image" -}}
-{{- $tag := default .Chart.AppVersion .Values.image.tag }}
-{{- if .Values.image.digest }}
-{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{/* An image reference from {repository, tag, digest}; the tag defaults to appVersion.
+Argument: a dict with "image" and "ctx". */}}
+{{- define "ncserve.imageRef" -}}
+{{- $tag := default .ctx.Chart.AppVersion .image.tag }}
+{{- if .image.digest }}
+{{- printf "%s@%s" .image.repository .image.digest }}
 {{- else }}
-{{- printf "%s:%s" .Values.image.repository $tag }}
+{{- printf "%s:%s" .image.repository $tag }}
 {{- end }}
+{{- end }}
+
+{{/* The service image (slim, no torch): ncserve serve and the test pod. */}}
+{{- define "ncserve.image" -}}
+{{- include "ncserve.imageRef" (dict "image" .Values.image "ctx" .) }}
+{{- end }}
+
+{{/* The trainer image (CUDA PyTorch, the training extra): nclaunch. */}}
+{{- define "ncserve.trainerImage" -}}
+{{- include "ncserve.imageRef" (dict "image" .Values.trainer.image "ctx" .) }}
 {{- end }}
 
 {{/* DNS name of the ncserve Service, the name its TLS certificate must carry. */}}
@@ -310,8 +321,8 @@ priorityClassName: {{ . }}
 {{- end }}
 containers:
   - name: {{ .containerName }}
-    image: {{ include "ncserve.image" $ctx }}
-    imagePullPolicy: {{ $ctx.Values.image.pullPolicy }}
+    image: {{ include "ncserve.trainerImage" $ctx }}
+    imagePullPolicy: {{ $ctx.Values.trainer.image.pullPolicy }}
     command:
       {{- include "ncserve.trainerArgs" $ctx | trim | nindent 6 }}
     env:
