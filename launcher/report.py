@@ -194,7 +194,7 @@ def write_report(rows: list[dict[str, Any]], path: Path, title: str = "") -> Pat
     cols = 4
     lines = math.ceil(panels / cols)
     fig, axes = plt.subplots(lines, cols, figsize=(4 * cols, 3 * lines + 0.4), squeeze=False)
-    epochs = [float(r.get("epoch", 0)) for r in rows]
+    epochs = [float(r["epoch"]) if isinstance(r.get("epoch"), int | float) else 0.0 for r in rows]
     for ax, key in zip(axes.flat, present, strict=False):
         points = [(e, r[key]) for e, r in zip(epochs, rows, strict=True) if _positive(r.get(key))]
         values = [p[1] for p in points]

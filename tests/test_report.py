@@ -250,3 +250,13 @@ def test_run_report_axes_are_linear_when_narrow_and_carry_the_verdict(tmp_path: 
     assert axes["nc1"].get_yscale() == "log"
     assert "NC0 not decaying" in fig._suptitle.get_text()
     plt.close(fig)
+
+
+def test_rows_without_an_epoch_still_draw(tmp_path: Path) -> None:
+    """A run pushed with `ncserve push` has no epoch: its rows say "epoch": null."""
+    run_dir = tmp_path / "pushed"
+    run_dir.mkdir()
+    row = {"run_id": "pushed", "step": 0, "epoch": None, "nc0": 1.5, "nc1": 0.4, "accuracy": 0.9}
+    (run_dir / "metrics.jsonl").write_text(json.dumps(row) + "\n")
+    result = CliRunner().invoke(cli, ["report", str(run_dir), "--out", str(tmp_path / "r.png")])
+    assert result.exit_code == 0, result.output

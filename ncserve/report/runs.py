@@ -95,7 +95,7 @@ class RunRecord:
     def values(self, key: str) -> tuple[np.ndarray, np.ndarray]:
         """(epochs, values) of the rows where ``key`` is a finite number."""
         points = [
-            (float(row.get("epoch", 0)), float(row[key]))
+            (float(row["epoch"]) if _finite(row.get("epoch")) else 0.0, float(row[key]))
             for row in self.rows
             if _finite(row.get(key))
         ]
