@@ -62,6 +62,18 @@ class StepMerges:
     def _start_prepare(self, state: OpenStep) -> None:
         raise NotImplementedError  # the Aggregator's
 
+    def _answered_as_repeat(self, item: Pending, shards: Mapping[int, ShardRecord]) -> bool:
+        """A push whose rank this round already has is answered from the record (or refused
+        when its payload differs): True when ``item`` was so answered."""
+        previous = shards.get(item.shard.rank)
+        if previous is None:
+            return False
+        try:
+            item.answer(self._repeat(previous, item.shard))
+        except ServiceError as exc:
+            item.fail(exc)
+        return True
+
     @staticmethod
     def _repeat(previous: ShardRecord, shard: ShardRecord) -> PushResult:
         if previous.payload_sha256 != shard.payload_sha256:
@@ -84,12 +96,7 @@ class StepMerges:
         accepted: list[Pending] = []
         for item in items:
             shard = item.shard
-            previous = shards.get(shard.rank)
-            if previous is not None:
-                try:
-                    item.answer(self._repeat(previous, shard))
-                except ServiceError as exc:
-                    item.fail(exc)
+            if self._answered_as_repeat(item, shards):
                 continue
             if len(shards) + 1 == run.world_size and weight is None and item.weight is None:
                 item.fail(
@@ -170,12 +177,7 @@ class StepMerges:
         accepted: list[Pending] = []
         for item in items:
             shard = item.shard
-            previous = shards.get(shard.rank)
-            if previous is not None:
-                try:
-                    item.answer(self._repeat(previous, shard))
-                except ServiceError as exc:
-                    item.fail(exc)
+            if self._answered_as_repeat(item, shards):
                 continue
             stats = item.stats2
             assert stats is not None
