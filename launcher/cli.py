@@ -258,6 +258,14 @@ FLAGS: tuple[Flag, ...] = (
         click.IntRange(min=0),
     ),
     Flag(
+        ("--keep-measured-weights/--no-keep-measured-weights",),
+        "train.keep_measured_weights",
+        "Keep the model weights of every measured step (step 0 included) in RUN_DIR/weights, "
+        "so `nclaunch export-features --step S` can recompute any measurement; the model's "
+        "size per measurement on disk.",
+        is_flag=True,
+    ),
+    Flag(
         ("--deterministic",),
         "train.deterministic",
         "Deterministic kernels: a rerun (or a resumed run) reproduces the metrics bitwise.",
@@ -556,24 +564,44 @@ main_group = _add_flags(main_group)  # type: ignore[assignment]
     help="Checkpoint directory, or its name under RUN_DIR/checkpoints.  [default: latest]",
 )
 @click.option(
+    "--step",
+    type=click.IntRange(min=0),
+    default=None,
+    help="A measured step: the weights kept for it (RUN_DIR/weights, --keep-measured-weights), "
+    "or a checkpoint of that step. Step 0 is the initial weights.",
+)
+@click.option(
+    "--split",
+    type=click.Choice(["measurement", "holdout"]),
+    default="measurement",
+    show_default=True,
+    help="measurement: the split the run measured NC on; holdout: the held-out split.",
+)
+@click.option(
     "--out",
     required=True,
     type=_FILE,
     help="Output .npz (features, labels, weight, bias, "
     "num_classes), the format ncserve compute reads.",
 )
-def export_features_command(run_dir: Path, checkpoint: str | None, out: Path) -> None:
-    """Write the measurement split's penultimate features, labels, W and b of a checkpoint."""
+def export_features_command(
+    run_dir: Path, checkpoint: str | None, step: int | None, split: str, out: Path
+) -> None:
+    """Write a split's penultimate features, labels, W and b of a measured step or a
+    checkpoint (default: the latest checkpoint, else the latest measured step)."""
     from launcher.checkpoint import CheckpointError
     from launcher.export import export_features
 
+    if step is not None and checkpoint is not None:
+        raise UserError("give --step or --checkpoint, not both")
     try:
-        summary = export_features(run_dir, checkpoint, out)
+        summary = export_features(run_dir, checkpoint, out, step=step, split=split)
     except (CheckpointError, ValueError, OSError) as err:
         raise UserError(str(err)) from None
     click.echo(
         f"wrote {out}: {summary['num_samples']} samples x {summary['feature_dim']} features, "
-        f"{summary['num_classes']} classes, step {summary['step']}"
+        f"{summary['num_classes']} classes, step {summary['step']} ({summary['split']} split, "
+        f"weights from {summary['source']})"
     )
 
 

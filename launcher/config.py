@@ -191,6 +191,11 @@ class TrainConfig(_Section):
     checkpoint_every: int = Field(1, ge=0, description="epochs between checkpoints; 0: final only")
     keep_checkpoints: int = Field(3, ge=1, description="checkpoints kept (newest)")
     measure_batch_size: int = Field(1024, ge=1, description="batch size of measurement passes")
+    keep_measured_weights: bool = Field(
+        True,
+        description="keep the model weights of every measured step in RUN_DIR/weights, so "
+        "export-features can recompute any measurement",
+    )
 
 
 class TrackingConfig(_Section):

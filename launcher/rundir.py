@@ -64,6 +64,24 @@ class RunDir:
         return self.root / "checkpoints"
 
     @property
+    def weights_dir(self) -> Path:
+        """The model weights of each measured step (--keep-measured-weights)."""
+        return self.root / "weights"
+
+    def weights_path(self, step: int) -> Path:
+        return self.weights_dir / f"step-{step:09d}.pt"
+
+    def measured_weight_steps(self) -> list[int]:
+        if not self.weights_dir.is_dir():
+            return []
+        steps = []
+        for path in self.weights_dir.glob("step-*.pt"):
+            digits = path.stem.removeprefix("step-")
+            if digits.isdigit():
+                steps.append(int(digits))
+        return sorted(steps)
+
+    @property
     def report_path(self) -> Path:
         return self.root / "report.png"
 

@@ -520,6 +520,8 @@ class Trainer:
         module = self.engine.module
         started = time.perf_counter()
         self.settle_measurements()
+        if self.config.train.keep_measured_weights:
+            self.keep_measured_weights(step, epoch)
         module.eval()
         try:
             if self.tracker is not None:
@@ -604,6 +606,19 @@ class Trainer:
         return row
 
     # -- checkpoints -------------------------------------------------------------------------
+
+    def keep_measured_weights(self, step: int, epoch: int) -> None:
+        """The model's weights at a measured step, for export-features (a collective under
+        ZeRO-3, which gathers them; rank 0 writes)."""
+        model_state = self.engine.full_model_state()
+        if self.rank != 0 or model_state is None:
+            return
+        path = self.run_dir.weights_path(step)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".partial")
+        state = {"model": model_state, "step": step, "epoch": epoch, "world_size": self.world_size}
+        torch.save(state, partial)
+        partial.replace(path)
 
     def state_dict(self) -> dict[str, Any]:
         """Trainer state besides the engine's files: weights, position, RNG, measured steps."""

@@ -94,4 +94,25 @@ def test_default_four_node_run_matches_ncserve_compute(tmp_path: Path) -> None:
     reference = json.loads(computed.stdout)
     for key in METRIC_KEYS:
         assert last[key] == pytest.approx(reference[key], rel=1e-6, abs=1e-12), key
+
+    # Any measured step can be recomputed (step 0: the initial weights), and the held-out
+    # split too: the run kept the weights of every measurement.
+    assert sorted(int(p.stem.split("-")[1]) for p in (run_dir / "weights").glob("*.pt")) == [
+        0, 35, 70,
+    ]  # fmt: skip
+    for step, split, row in ((0, "measurement", rows[0]), (70, "holdout", last)):
+        exported = tmp_path / f"step{step}-{split}.npz"
+        run_ok("export-features", str(run_dir), "--step", str(step), "--split", split,
+               "--out", str(exported))  # fmt: skip
+        recomputed = json.loads(
+            subprocess.run(
+                [sys.executable, "-m", "ncserve", "compute", str(exported), "--format", "json"],
+                cwd=REPO, capture_output=True, text=True, check=True, timeout=120,
+            ).stdout
+        )  # fmt: skip
+        if split == "measurement":
+            for key in METRIC_KEYS:
+                assert row[key] == pytest.approx(recomputed[key], rel=1e-6, abs=1e-12), key
+        else:
+            assert row["holdout_acc"] == pytest.approx(recomputed["accuracy"], rel=1e-9)
     assert last["num_samples"] == reference["num_samples"]
