@@ -56,6 +56,7 @@ from rich.text import Text
 
 from launcher.config import RunConfig, describe_validation_error, load_yaml, resolve, to_yaml
 from launcher.launch import EmbeddedService, LaunchError
+from launcher.options import FLAG_BY_PATH, FLAGS, preflight
 from launcher.rundir import RunDir, write_atomic
 from ncserve.errors import UserError
 
@@ -138,8 +139,6 @@ class SweepPlan:
 
 def option_paths() -> dict[str, str]:
     """Every nclaunch option name (without dashes, '-' for '_') -> its config path."""
-    from launcher.cli import FLAGS  # lazily: launcher.cli imports this module
-
     names: dict[str, str] = {}
     for flag in FLAGS:
         for decl in flag.decls:
@@ -320,8 +319,6 @@ def plan_sweep(
 ) -> SweepPlan:
     """Every run of the grid, validated and named; duplicates (same settings) once."""
     import torch
-
-    from launcher.cli import FLAG_BY_PATH, preflight  # lazily: launcher.cli imports us
 
     base, groups = load_grid(grid_path)
     overrides = overrides or {}
