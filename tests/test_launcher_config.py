@@ -231,3 +231,16 @@ def test_a_late_measurement_line_shows_its_own_step_values(capsys) -> None:
     assert line.startswith("epoch 1/1 step 0: loss - acc - nc0 2")
     assert "0.1234" not in line
     assert len(line) < 160  # and it was not wrapped at 80 columns
+
+
+def test_every_nclaunch_default_is_the_run_configs() -> None:
+    """One definition of each setting: nclaunch's option defaults are RunConfig's fields."""
+    config = RunConfig()
+    by_name = {p.name: p for p in main_group.params}
+    for flag in FLAGS:
+        value: object = config
+        for part in flag.path.split("."):
+            value = getattr(value, part)
+        if isinstance(value, Path):
+            value = str(value)
+        assert by_name[flag.name].default == value, flag.path
