@@ -17,6 +17,7 @@ from click.core import ParameterSource
 from pydantic import ValidationError
 
 from launcher.config import (
+    FILE_PATH,
     RunConfig,
     describe_validation_error,
     load_yaml,
@@ -24,7 +25,7 @@ from launcher.config import (
     resolve,
     to_yaml,
 )
-from launcher.options import FILE_PATH, FLAG_BY_PATH, FLAGS, add_flags, preflight
+from launcher.options import FLAG_BY_PATH, FLAGS, add_flags, preflight
 from launcher.sweep import sweep_command
 from ncserve.errors import UserError
 

@@ -16,9 +16,11 @@ from __future__ import annotations
 import datetime as dt
 import os
 import secrets
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
+import click
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -44,6 +46,29 @@ DEFAULT_LRS: dict[str, float] = {
 RDZV_BACKENDS: tuple[str, ...] = ("c10d", "static", "etcd", "etcd-v2")
 
 
+@dataclass(frozen=True)
+class Cli:
+    """How a field appears on nclaunch's command line: its option names (torchrun's
+    underscore spelling as an alias), click type, environment variable (the ``PET_*`` ones
+    torchrun and Kubeflow set), whether it is a flag, and the text --help shows for a
+    default the field does not hold yet. Its help is the field's description, its default
+    the field's default: launcher/options.py builds the options from these."""
+
+    decls: tuple[str, ...]
+    type: Any = None
+    envvar: str | None = None
+    is_flag: bool = False
+    default_text: str | None = None
+
+
+_PATH = click.Path(path_type=Path)
+FILE_PATH = click.Path(path_type=Path, dir_okay=False)
+_LR_DEFAULTS = ", ".join(
+    f"{'/'.join(n for n in OPTIMIZER_NAMES if DEFAULT_LRS[n] == lr)} {lr:g}"
+    for lr in sorted(set(DEFAULT_LRS.values()), reverse=True)
+)
+
+
 def _one_of(value: str, allowed: tuple[str, ...] | list[str]) -> str:
     if value not in allowed:
         raise ValueError(f"must be one of {', '.join(allowed)}")
@@ -59,17 +84,65 @@ class _Section(BaseModel):
 class LaunchConfig(_Section):
     """Where the workers run: torchrun-compatible options."""
 
-    nnodes: str = Field("1", description="number of nodes, N or MIN:MAX")
-    nproc_per_node: str = Field("1", description="workers per node: an integer or auto")
-    node_rank: int = Field(0, ge=0, description="rank of this node (static rendezvous)")
-    rdzv_backend: str = Field("c10d", description="rendezvous backend")
-    rdzv_endpoint: str = Field("", description="rendezvous HOST:PORT; empty = local mode")
-    rdzv_id: str = Field("", description="rendezvous group id; empty = the run id")
-    master_addr: str = Field("", description="static rendezvous: address of node 0")
-    master_port: int = Field(29500, ge=1, le=65535, description="static rendezvous: port")
-    max_restarts: int = Field(0, ge=0, description="elastic restarts before giving up")
-    standalone: bool = Field(False, description="single-machine run on a local rendezvous")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda if present")
+    nnodes: Annotated[str, Cli(("--nodes", "--nnodes"), envvar="PET_NNODES")] = Field(
+        "1", description="Nodes, N or MIN:MAX. Local mode runs all nodes' workers on this machine."
+    )
+    nproc_per_node: Annotated[
+        str, Cli(("--nproc-per-node", "--nproc_per_node"), envvar="PET_NPROC_PER_NODE")
+    ] = Field(
+        "1",
+        description="Workers per node: an integer, or auto (one per GPU, else one per CPU core).",
+    )
+    node_rank: Annotated[
+        int, Cli(("--node-rank", "--node_rank"), type=click.IntRange(min=0), envvar="PET_NODE_RANK")
+    ] = Field(0, ge=0, description="Rank of this node (static rendezvous).")
+    rdzv_backend: Annotated[
+        str, Cli(("--rdzv-backend", "--rdzv_backend"), envvar="PET_RDZV_BACKEND")
+    ] = Field("c10d", description="Rendezvous backend (c10d, static, etcd, etcd-v2).")
+    rdzv_endpoint: Annotated[
+        str, Cli(("--rdzv-endpoint", "--rdzv_endpoint"), envvar="PET_RDZV_ENDPOINT")
+    ] = Field("", description="Rendezvous HOST:PORT shared by all nodes; empty: local mode.")
+    rdzv_id: Annotated[
+        str, Cli(("--rdzv-id", "--rdzv_id"), envvar="PET_RDZV_ID", default_text="the run id")
+    ] = Field(
+        "",
+        description="Rendezvous group id (also the run id of a multi-node run when --run-id is not given).",
+    )
+    master_addr: Annotated[
+        str, Cli(("--master-addr", "--master_addr"), envvar="PET_MASTER_ADDR")
+    ] = Field(
+        "",
+        description="Static rendezvous: address of node 0 (used when no --rdzv-endpoint is given).",
+    )
+    master_port: Annotated[
+        int,
+        Cli(
+            ("--master-port", "--master_port"),
+            type=click.IntRange(1, 65535),
+            envvar="PET_MASTER_PORT",
+        ),
+    ] = Field(29500, ge=1, le=65535, description="Static rendezvous: port on node 0.")
+    max_restarts: Annotated[
+        int,
+        Cli(
+            ("--max-restarts", "--max_restarts"),
+            type=click.IntRange(min=0),
+            envvar="PET_MAX_RESTARTS",
+        ),
+    ] = Field(
+        0,
+        ge=0,
+        description="Elastic restarts of the workers after a failure; each resumes from the last checkpoint.",
+    )
+    standalone: Annotated[bool, Cli(("--standalone",), envvar="PET_STANDALONE", is_flag=True)] = (
+        Field(
+            False, description="Single machine with a local rendezvous (as torchrun --standalone)."
+        )
+    )
+    device: Annotated[
+        Literal["auto", "cpu", "cuda"],
+        Cli(("--device",), type=click.Choice(["auto", "cpu", "cuda"])),
+    ] = Field("auto", description="Where to train: cuda if available for auto.")
 
     @field_validator("nnodes")
     @classmethod
@@ -98,8 +171,12 @@ class LaunchConfig(_Section):
 
 
 class ModelConfig(_Section):
-    name: str = Field("mlp", description="architecture")
-    width: float = Field(1.0, gt=0, description="channel / hidden-unit multiplier")
+    name: Annotated[str, Cli(("--model",), type=click.Choice(MODEL_NAMES))] = Field(
+        "mlp", description="Architecture; its last layer is model.classifier."
+    )
+    width: Annotated[float, Cli(("--width",), type=click.FloatRange(min=0, min_open=True))] = Field(
+        1.0, gt=0, description="Width multiplier of every hidden layer."
+    )
 
     @field_validator("name")
     @classmethod
@@ -108,18 +185,58 @@ class ModelConfig(_Section):
 
 
 class DataConfig(_Section):
-    dataset: str = Field("mnist5k", description="dataset")
-    data_dir: Path | None = Field(
-        None, description="folder of mnist/fashionmnist/cifar/imagefolder"
+    dataset: Annotated[str, Cli(("--dataset",), type=click.Choice(DATASET_NAMES))] = Field(
+        "mnist5k", description="Dataset."
+    )
+    data_dir: Annotated[Path | None, Cli(("--data-dir",), type=_PATH)] = Field(
+        None,
+        description="Folder holding mnist/fashionmnist (IDX), cifar10/cifar100 (python pickles) or an "
+        "imagefolder.",
     )
     # The synthetic dataset's shape; None for every other dataset (theirs is the data's),
     # and for synthetic until resolve() fills in SYNTHETIC_DEFAULTS.
-    num_classes: int | None = Field(None, ge=2, description="synthetic: number of classes K")
-    feature_dim: int | None = Field(None, ge=1, description="synthetic: input dimension")
-    num_samples: int | None = Field(None, ge=2, description="synthetic: number of samples")
-    holdout: float = Field(0.0, ge=0.0, lt=1.0, description="fraction held out for NC4/accuracy")
-    measure_samples_per_class: int | None = Field(
-        None, ge=1, description="measurement split per class; default all training samples"
+    num_classes: Annotated[
+        int | None,
+        Cli(
+            ("--num-classes",),
+            type=click.IntRange(min=2),
+            default_text=f"{SYNTHETIC_DEFAULTS['num_classes']} (synthetic only)",
+        ),
+    ] = Field(None, ge=2, description="synthetic: number of classes K.")
+    feature_dim: Annotated[
+        int | None,
+        Cli(
+            ("--feature-dim",),
+            type=click.IntRange(min=1),
+            default_text=f"{SYNTHETIC_DEFAULTS['feature_dim']} (synthetic only)",
+        ),
+    ] = Field(None, ge=1, description="synthetic: input dimension.")
+    num_samples: Annotated[
+        int | None,
+        Cli(
+            ("--num-samples",),
+            type=click.IntRange(min=2),
+            default_text=f"{SYNTHETIC_DEFAULTS['num_samples']} (synthetic only)",
+        ),
+    ] = Field(None, ge=2, description="synthetic: number of samples.")
+    holdout: Annotated[float, Cli(("--holdout",), type=click.FloatRange(0, 1, max_open=True))] = (
+        Field(
+            0.0,
+            ge=0.0,
+            lt=1.0,
+            description="Fraction of each class held out for held-out accuracy and NC4 (0: the dataset's own "
+            "test split when it has one).",
+        )
+    )
+    measure_samples_per_class: Annotated[
+        int | None,
+        Cli(
+            ("--measure-samples-per-class",),
+            type=click.IntRange(min=1),
+            default_text="all training samples",
+        ),
+    ] = Field(
+        None, ge=1, description="Measurement split: this many training samples per class (seeded)."
     )
 
     @field_validator("dataset")
@@ -143,16 +260,46 @@ class DataConfig(_Section):
 
 
 class OptimConfig(_Section):
-    name: str = Field("sgd", description="optimizer")
-    lr: float | None = Field(None, gt=0, description="learning rate; default per optimizer")
-    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="momentum (beta1 for Adam/Lion)")
-    beta2: float = Field(0.999, ge=0.0, lt=1.0, description="Adam/Lion second coefficient")
-    weight_decay: float = Field(5e-4, ge=0.0, description="weight decay lambda")
-    coupled_fraction: float | None = Field(
-        None, ge=0.0, le=1.0, description="Adam family: coupled share of the weight decay"
+    name: Annotated[str, Cli(("--optimizer",), type=click.Choice(OPTIMIZER_NAMES))] = Field(
+        "sgd", description="Optimizer, as defined in docs/training.md."
     )
-    eps: float = Field(1e-8, gt=0, description="Adam epsilon")
-    lr_schedule: str = Field("constant", description="lr schedule, stepped per optimizer step")
+    lr: Annotated[
+        float | None,
+        Cli(
+            ("--lr",),
+            type=click.FloatRange(min=0, min_open=True),
+            default_text=f"per optimizer: {_LR_DEFAULTS}",
+        ),
+    ] = Field(None, gt=0, description="Learning rate.")
+    momentum: Annotated[float, Cli(("--momentum",), type=click.FloatRange(0, 1, max_open=True))] = (
+        Field(0.9, ge=0.0, lt=1.0, description="Momentum; beta1 for adam/adamw/lion.")
+    )
+    beta2: Annotated[float, Cli(("--beta2",), type=click.FloatRange(0, 1, max_open=True))] = Field(
+        0.999, ge=0.0, lt=1.0, description="Second coefficient of adam/adamw/lion."
+    )
+    weight_decay: Annotated[float, Cli(("--weight-decay",), type=click.FloatRange(min=0))] = Field(
+        5e-4,
+        ge=0.0,
+        description="Weight decay lambda (coupled or decoupled as the optimizer defines it).",
+    )
+    coupled_fraction: Annotated[
+        float | None,
+        Cli(
+            ("--coupled-fraction",), type=click.FloatRange(0, 1), default_text="the optimizer's own"
+        ),
+    ] = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="adam/adamw: share of the weight decay that is coupled (1: Adam, 0: AdamW).",
+    )
+    eps: Annotated[float, Cli(("--eps",), type=click.FloatRange(min=0, min_open=True))] = Field(
+        1e-8, gt=0, description="Adam epsilon."
+    )
+    lr_schedule: Annotated[str, Cli(("--lr-schedule",), type=click.Choice(SCHEDULE_NAMES))] = Field(
+        "constant",
+        description="constant; step (lr / 10 at 1/3 and 2/3 of training); cosine (to 0).",
+    )
 
     @field_validator("name")
     @classmethod
@@ -176,48 +323,108 @@ class OptimConfig(_Section):
 
 
 class EngineConfig(_Section):
-    name: Literal["ddp", "deepspeed"] = Field("ddp", description="distributed engine")
-    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage")
-    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="bf16/fp16: GPU only")
+    name: Annotated[
+        Literal["ddp", "deepspeed"], Cli(("--engine",), type=click.Choice(["ddp", "deepspeed"]))
+    ] = Field("ddp", description="Distributed engine.")
+    zero_stage: Annotated[
+        Literal[0, 1, 2, 3], Cli(("--zero-stage",), type=click.IntRange(0, 3))
+    ] = Field(2, description="DeepSpeed ZeRO stage.")
+    precision: Annotated[
+        Literal["fp32", "bf16", "fp16"],
+        Cli(("--precision",), type=click.Choice(["fp32", "bf16", "fp16"])),
+    ] = Field("fp32", description="Training precision (bf16/fp16 on GPU only).")
 
 
 class TrainConfig(_Section):
-    batch_size: int = Field(128, ge=1, description="global batch size (all ranks)")
-    epochs: int = Field(8, ge=1, description="training epochs")
-    seed: int = Field(0, ge=0, description="seed of data split, init and sampler")
-    deterministic: bool = Field(False, description="deterministic kernels (bitwise reruns)")
-    log_every: int = Field(10, ge=1, description="steps between logged steps (nc0 recorded)")
-    measure_every: int = Field(1, ge=1, description="epochs between NC measurements")
-    checkpoint_every: int = Field(1, ge=0, description="epochs between checkpoints; 0: final only")
-    keep_checkpoints: int = Field(3, ge=1, description="checkpoints kept (newest)")
-    measure_batch_size: int = Field(1024, ge=1, description="batch size of measurement passes")
-    keep_measured_weights: bool = Field(
+    batch_size: Annotated[int, Cli(("--batch-size",), type=click.IntRange(min=1))] = Field(
+        128, ge=1, description="Global batch size (split over the ranks)."
+    )
+    epochs: Annotated[int, Cli(("--epochs",), type=click.IntRange(min=1))] = Field(
+        8, ge=1, description="Training epochs."
+    )
+    seed: Annotated[int, Cli(("--seed",), type=click.IntRange(min=0))] = Field(
+        0, ge=0, description="Seed of initialisation, data split and sampler."
+    )
+    deterministic: Annotated[bool, Cli(("--deterministic",), is_flag=True)] = Field(
+        False,
+        description="Deterministic kernels: a rerun (or a resumed run) reproduces the metrics bitwise.",
+    )
+    log_every: Annotated[int, Cli(("--log-every",), type=click.IntRange(min=1))] = Field(
+        10, ge=1, description="Steps between logged steps (nc0 recorded)."
+    )
+    measure_every: Annotated[int, Cli(("--measure-every",), type=click.IntRange(min=1))] = Field(
+        1, ge=1, description="Epochs between NC measurements (also at step 0 and at the last step)."
+    )
+    checkpoint_every: Annotated[int, Cli(("--checkpoint-every",), type=click.IntRange(min=0))] = (
+        Field(1, ge=0, description="Epochs between checkpoints (0: only the final one).")
+    )
+    keep_checkpoints: Annotated[int, Cli(("--keep-checkpoints",), type=click.IntRange(min=1))] = (
+        Field(3, ge=1, description="Checkpoints kept (newest).")
+    )
+    measure_batch_size: Annotated[
+        int, Cli(("--measure-batch-size",), type=click.IntRange(min=1))
+    ] = Field(1024, ge=1, description="Batch size of measurement passes.")
+    keep_measured_weights: Annotated[
+        bool, Cli(("--keep-measured-weights/--no-keep-measured-weights",), is_flag=True)
+    ] = Field(
         True,
-        description="keep the model weights of every measured step in RUN_DIR/weights, so "
-        "export-features can recompute any measurement",
+        description="Keep the model weights of every measured step (step 0 included) in RUN_DIR/weights, "
+        "so `nclaunch export-features --step S` can recompute any measurement; the model's "
+        "size per measurement on disk.",
     )
 
 
 class TrackingConfig(_Section):
-    enabled: bool = Field(True, description="NC tracking through the service")
-    sidecar: str | None = Field(None, description="external service HOST:PORT")
-    token_file: Path | None = Field(None, description="file holding the service token")
-    tls_ca: Path | None = Field(None, description="CA bundle to verify the service")
-    tls_cert: Path | None = Field(None, description="client certificate (mTLS)")
-    tls_key: Path | None = Field(None, description="client key (mTLS)")
-    deadline_s: float = Field(5.0, gt=0, description="per-call deadline towards the service")
-    background: bool = Field(
+    enabled: Annotated[bool, Cli(("--tracking/--no-tracking",), is_flag=True)] = Field(
         True,
-        description="measurements hold training only for their forward pass; the rounds "
-        "with the service run in a background thread",
+        description="NC tracking through the ncserve service (off: only nc0, from W, is recorded).",
     )
-    buffer_mb: float = Field(
+    sidecar: Annotated[
+        str | None, Cli(("--sidecar",), default_text="embedded service on 127.0.0.1")
+    ] = Field(None, description="External ncserve service HOST:PORT instead of the embedded one.")
+    token_file: Annotated[Path | None, Cli(("--sidecar-token-file",), type=FILE_PATH)] = Field(
+        None, description="File holding the service token."
+    )
+    tls_ca: Annotated[Path | None, Cli(("--sidecar-tls-ca",), type=FILE_PATH)] = Field(
+        None, description="CA bundle that signed the service's cert."
+    )
+    tls_cert: Annotated[Path | None, Cli(("--sidecar-tls-cert",), type=FILE_PATH)] = Field(
+        None, description="Client certificate for mutual TLS."
+    )
+    tls_key: Annotated[Path | None, Cli(("--sidecar-tls-key",), type=FILE_PATH)] = Field(
+        None, description="Client key for mutual TLS."
+    )
+    deadline_s: Annotated[
+        float, Cli(("--deadline",), type=click.FloatRange(min=0, min_open=True))
+    ] = Field(
+        5.0,
+        gt=0,
+        description="Seconds a call to the service may take before the client buffers it.",
+    )
+    background: Annotated[
+        bool, Cli(("--measure-in-background/--measure-in-foreground",), is_flag=True)
+    ] = Field(
+        True,
+        description="In the background, a measurement holds training only for its forward pass: the "
+        "statistics and the rounds with the service run in a thread while training goes on "
+        "(settled at the next measurement, checkpoint and the end). In the foreground, "
+        "training waits for the metrics.",
+    )
+    buffer_mb: Annotated[
+        float, Cli(("--buffer-mb",), type=click.FloatRange(min=0, min_open=True))
+    ] = Field(
         256.0,
         gt=0,
-        description="most MiB of undelivered pushes a rank keeps (memory, then spool on disk)",
+        description="MiB of undelivered measurements each rank keeps while the service is unreachable "
+        "(in memory, then spilled to RUN_DIR/spool); past it later ones are dropped and "
+        "reported by step and rank.",
     )
-    tensorboard: Path | None = Field(None, description="also write TensorBoard events here")
-    csv: Path | None = Field(None, description="also append measurements to this CSV")
+    tensorboard: Annotated[Path | None, Cli(("--tensorboard",), type=_PATH)] = Field(
+        None, description="Also write TensorBoard event files to this folder."
+    )
+    csv: Annotated[Path | None, Cli(("--csv",), type=FILE_PATH)] = Field(
+        None, description="Also append every measurement to this CSV file."
+    )
 
     @field_validator("sidecar")
     @classmethod
@@ -253,9 +460,17 @@ class TrackingConfig(_Section):
 class RunConfig(_Section):
     """Everything one run needs; ``config.yaml`` of a run directory holds one."""
 
-    run_id: str = Field("", description="run id; default optimizer-model-dataset-time-random")
-    run_dir: Path | None = Field(None, description="run directory; default runs/<run-id>")
-    resume: bool = Field(False, description="continue from the run directory's last checkpoint")
+    run_id: Annotated[
+        str, Cli(("--run-id",), default_text="<optimizer>-<model>-<dataset>-<time>-<4 hex>")
+    ] = Field("", description="Run id (letters, digits, - _ .).")
+    run_dir: Annotated[
+        Path | None, Cli(("--run-dir",), type=_PATH, default_text="runs/<run-id>")
+    ] = Field(None, description="Run directory.")
+    resume: Annotated[bool, Cli(("--resume",), is_flag=True)] = Field(
+        False,
+        description="Continue the run in --run-dir (or runs/<--run-id>) from its last checkpoint; its "
+        "config.yaml is the base that other options override.",
+    )
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
