@@ -23,8 +23,9 @@ import torch
 from torch import nn
 
 from launcher.checkpoint import CheckpointError, CheckpointStore, load_trainer_state
-from launcher.config import RunConfig, load_yaml
+from launcher.config import RunConfig
 from launcher.models import build_model
+from launcher.resolve import load_yaml
 from launcher.rundir import RunDir
 from launcher.trainer import load_splits, measurement_split
 

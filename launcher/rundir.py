@@ -19,7 +19,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from launcher.config import RunConfig, to_yaml
+from launcher.config import RunConfig
+from launcher.resolve import to_yaml
 
 # CSVSink and TensorBoardSink live in ncserve.track.sinks (one implementation with the
 # Tracker's exporters); launcher.cli asks this module whether TensorBoard is installed.

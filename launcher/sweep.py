@@ -54,9 +54,10 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from launcher.config import RunConfig, describe_validation_error, load_yaml, resolve, to_yaml
+from launcher.config import RunConfig
 from launcher.launch import EmbeddedService, LaunchError
 from launcher.options import FLAG_BY_PATH, FLAGS, preflight
+from launcher.resolve import describe_validation_error, load_yaml, resolve, to_yaml
 from launcher.rundir import RunDir, write_atomic
 from ncserve.errors import UserError
 

@@ -15,8 +15,9 @@ from click.testing import CliRunner
 
 from launcher.checkpoint import CheckpointError, CheckpointStore, save_trainer_state
 from launcher.cli import FLAGS, main_group
-from launcher.config import RunConfig, resolve
+from launcher.config import RunConfig
 from launcher.launch import plan_launch
+from launcher.resolve import resolve
 from launcher.rundir import RunDir
 from launcher.trainer import measurement_split
 
@@ -204,8 +205,9 @@ def test_export_and_report_errors_are_one_line(tmp_path: Path) -> None:
 
 
 def test_only_the_synthetic_dataset_records_a_synthetic_shape() -> None:
-    from launcher.config import RunConfig, resolve
+    from launcher.config import RunConfig
     from launcher.data.datasets import SYNTHETIC_DEFAULTS
+    from launcher.resolve import resolve
 
     mnist = resolve(RunConfig(), cuda_available=False, cpu_count=2).data
     assert (mnist.num_classes, mnist.feature_dim, mnist.num_samples) == (None, None, None)
