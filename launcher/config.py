@@ -13,7 +13,6 @@ and what is accepted.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -24,6 +23,7 @@ from launcher.data import DATASET_NAMES
 from launcher.data.datasets import FILE_DATASETS, SYNTHETIC_DEFAULTS
 from launcher.models import MODEL_NAMES
 from launcher.optim import OPTIMIZER_NAMES, SCHEDULE_NAMES
+from ncserve.options import Cli
 
 # Learning rate used when --lr is not given: the middle of the paper's grid for the
 # sign-based and Adam-family optimizers, and a value at which the default MLP on
@@ -40,21 +40,6 @@ DEFAULT_LRS: dict[str, float] = {
 }
 
 RDZV_BACKENDS: tuple[str, ...] = ("c10d", "static", "etcd", "etcd-v2")
-
-
-@dataclass(frozen=True)
-class Cli:
-    """How a field appears on nclaunch's command line: its option names (torchrun's
-    underscore spelling as an alias), click type, environment variable (the ``PET_*`` ones
-    torchrun and Kubeflow set), whether it is a flag, and the text --help shows for a
-    default the field does not hold yet. Its help is the field's description, its default
-    the field's default: launcher/options.py builds the options from these."""
-
-    decls: tuple[str, ...]
-    type: Any = None
-    envvar: str | None = None
-    is_flag: bool = False
-    default_text: str | None = None
 
 
 _PATH = click.Path(path_type=Path)

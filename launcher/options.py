@@ -15,8 +15,9 @@ from typing import Any
 import click
 from pydantic import BaseModel
 
-from launcher.config import Cli, RunConfig
+from launcher.config import RunConfig
 from ncserve.errors import UserError
+from ncserve.options import cli_of
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,7 @@ def _flags() -> tuple[Flag, ...]:
         model = RunConfig if not section else RunConfig.model_fields[section].annotation
         assert isinstance(model, type) and issubclass(model, BaseModel)
         for name, field in model.model_fields.items():
-            cli = next((m for m in field.metadata if isinstance(m, Cli)), None)
+            cli = cli_of(field)
             if cli is None:
                 continue
             assert field.description, f"{section}.{name} has no description for --help"

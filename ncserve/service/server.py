@@ -12,12 +12,15 @@ import socket
 import threading
 from concurrent import futures
 from pathlib import Path
+from typing import Annotated
 
+import click
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from ncserve.options import Cli, Duration, shown_duration
 from ncserve.service.aggregator import Aggregator
 from ncserve.service.auth import TokenAuthInterceptor
 from ncserve.service.exporter import DEFAULT_SERIES_GRACE_S, ServiceMetrics, start_exporter
@@ -42,65 +45,169 @@ def split_host_port(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
+
+
 class ServerConfig(BaseModel):
     """Everything a server needs; validated on construction (errors name the field)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    listen: str = Field("127.0.0.1:50051", description="gRPC address HOST:PORT (0 = OS-picked)")
-    metrics_host: str = Field("127.0.0.1", description="address of the Prometheus exporter")
-    metrics_port: int | None = Field(
-        None, ge=0, le=65535, description="exporter port (0 = OS-picked, None = no exporter)"
+    listen: Annotated[str, Cli(("--listen",))] = Field(
+        "127.0.0.1:50051",
+        description="gRPC address HOST:PORT; port 0 lets the OS pick (see --port-file).",
     )
-    db_path: Path = Field(Path("ncserve.db"), description="SQLite database file")
+    metrics_port: Annotated[int | None, Cli(("--metrics-port",), type=click.IntRange(0, 65535))] = (
+        Field(
+            None,
+            ge=0,
+            le=65535,
+            description="Serve Prometheus /metrics on this port (0 = OS-picked); no exporter "
+            "when omitted.",
+        )
+    )
+    metrics_host: Annotated[str, Cli(("--metrics-host",))] = Field(
+        "127.0.0.1", description="Address the Prometheus exporter binds."
+    )
+    db_path: Annotated[Path, Cli(("--db",), type=click.Path(dir_okay=False, path_type=Path))] = (
+        Field(
+            Path("ncserve.db"),
+            description="SQLite database (created if missing; WAL mode; survives restarts).",
+        )
+    )
+    # From --token-file (a secret is never an argument).
     token: SecretStr | None = Field(None, description="bearer token required on every RPC")
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    client_ca: Path | None = Field(None, description="CA of client certificates (mTLS)")
-    step_deadline_s: float = Field(
-        AggregatorLimits.step_deadline_s, gt=0, description="open step -> incomplete after"
+    tls_cert: Annotated[Path | None, Cli(("--tls-cert",), type=_FILE)] = Field(
+        None, description="PEM server certificate (with --tls-key)."
     )
-    max_workers: int = Field(256, ge=4, description="gRPC worker threads")
-    max_runs: int = Field(AggregatorLimits.max_runs, ge=1)
-    max_open_steps: int = Field(AggregatorLimits.max_open_steps, ge=1)
-    max_open_steps_per_run: int = Field(
-        AggregatorLimits.max_open_steps_per_run,
-        ge=1,
-        description="steps one run may have open at once",
+    tls_key: Annotated[Path | None, Cli(("--tls-key",), type=_FILE)] = Field(
+        None, description="PEM private key of --tls-cert."
     )
-    max_message_bytes: int = Field(4 << 20, ge=2 << 20, description="largest gRPC message")
-    max_shard_bytes: int = Field(2 << 30, ge=1 << 20, description="largest push payload")
-    max_inflight_bytes: int = Field(
-        48 << 20, ge=1 << 20, description="payload bytes decoded at once over all pushes"
+    client_ca: Annotated[Path | None, Cli(("--client-ca",), type=_FILE)] = Field(
+        None,
+        description="PEM CA bundle: require client certificates signed by it (mTLS; needs "
+        "--tls-cert).",
     )
-    grace_s: float = Field(10.0, ge=0, description="drain time on stop / SIGTERM")
-    max_streams_per_peer: int | None = Field(
-        None, ge=1, description="streams one peer address may hold open (None: no own limit)"
-    )
-    stream_idle_timeout_s: float = Field(
-        StreamLimits.idle_timeout_s,
+    step_deadline_s: Annotated[
+        float, Cli(("--step-deadline",), type=click.FloatRange(min=0, min_open=True))
+    ] = Field(
+        AggregatorLimits.step_deadline_s,
         gt=0,
-        description="a push stream silent this long is cut (frees its thread and budget)",
+        description="Seconds a step may stay open before it is marked incomplete (never "
+        "half-counted).",
     )
-    stream_lifetime_s: float = Field(
-        StreamLimits.lifetime_s, gt=0, description="the longest a push stream may last"
+    grace_s: Annotated[float, Cli(("--grace",), type=click.FloatRange(min=0))] = Field(
+        10.0, ge=0, description="Seconds to drain in-flight calls on SIGTERM before exiting."
     )
-    abandon_after_s: float = Field(
+    abandon_after_s: Annotated[
+        float,
+        Cli(
+            ("--abandon-after",),
+            type=Duration(),
+            default_text=shown_duration(AggregatorLimits.abandon_after_s),
+        ),
+    ] = Field(
         AggregatorLimits.abandon_after_s,
         gt=0,
-        description="a running run with no shard, scalars or heartbeat for this long is "
-        "marked abandoned",
+        description="A running run that sends no shard, scalars or heartbeat for this long is "
+        "marked abandoned (its alerts resolve); it becomes running again if it speaks.",
     )
-    retention_s: float | None = Field(
+    retention_s: Annotated[float | None, Cli(("--retention",), type=Duration())] = Field(
         AggregatorLimits.retention_s,
         gt=0,
-        description="delete runs this long after they finished, failed or were abandoned "
-        "(None: keep them)",
+        description="Delete runs (data and series) this long after they finished, failed or "
+        "were abandoned, e.g. 30d. Default: keep every run.",
     )
-    series_grace_s: float = Field(
+    series_grace_s: Annotated[
+        float,
+        Cli(
+            ("--series-grace",),
+            type=Duration(),
+            default_text=shown_duration(DEFAULT_SERIES_GRACE_S),
+        ),
+    ] = Field(
         DEFAULT_SERIES_GRACE_S,
         ge=0,
-        description="an ended run's series stay on /metrics this long, then leave",
+        description="How long an ended run's series stay on /metrics (dashboards show its "
+        "last values) before they leave.",
+    )
+    max_workers: Annotated[int, Cli(("--max-workers",), type=click.IntRange(min=4))] = Field(
+        256,
+        ge=4,
+        description="gRPC worker threads; a run's world_size may be at most this minus 16.",
+    )
+    max_streams_per_peer: Annotated[
+        int | None, Cli(("--max-streams-per-peer",), type=click.IntRange(min=1))
+    ] = Field(
+        None,
+        ge=1,
+        description="Streams (pushes, class-means waits, watches) one peer address may hold "
+        "open at once. Default: the server's stream limit (--max-workers less a reserve for "
+        "unary calls and health). Set it when trainers and other clients reach the server "
+        "from different addresses; on loopback every client shares one.",
+    )
+    stream_idle_timeout_s: Annotated[
+        float,
+        Cli(
+            ("--stream-idle-timeout",),
+            type=Duration(),
+            default_text=shown_duration(StreamLimits.idle_timeout_s),
+        ),
+    ] = Field(
+        StreamLimits.idle_timeout_s,
+        gt=0,
+        description="A push stream that sends nothing for this long is cut: its worker "
+        "thread and whatever in-flight budget it held come back (the client sees CANCELLED "
+        "and retries).",
+    )
+    stream_lifetime_s: Annotated[
+        float,
+        Cli(
+            ("--stream-lifetime",),
+            type=Duration(),
+            default_text=shown_duration(StreamLimits.lifetime_s),
+        ),
+    ] = Field(
+        StreamLimits.lifetime_s,
+        gt=0,
+        description="The longest a push stream may last, whatever it sends.",
+    )
+    max_runs: Annotated[int, Cli(("--max-runs",), type=click.IntRange(min=1))] = Field(
+        AggregatorLimits.max_runs,
+        ge=1,
+        description="Runs the server holds; more registrations get RESOURCE_EXHAUSTED.",
+    )
+    max_open_steps: Annotated[int, Cli(("--max-open-steps",), type=click.IntRange(min=1))] = Field(
+        AggregatorLimits.max_open_steps,
+        ge=1,
+        description="Steps in flight over all runs; more get RESOURCE_EXHAUSTED.",
+    )
+    max_open_steps_per_run: Annotated[
+        int, Cli(("--max-open-steps-per-run",), type=click.IntRange(min=1))
+    ] = Field(
+        AggregatorLimits.max_open_steps_per_run,
+        ge=1,
+        description="Steps one run may have open at once (its ranks keep one or two open; "
+        "more come from a replayed backlog), so one run cannot take every --max-open-steps "
+        "slot.",
+    )
+    max_message_bytes: Annotated[
+        int, Cli(("--max-message-bytes",), type=click.IntRange(min=2 << 20))
+    ] = Field(
+        4 << 20,
+        ge=2 << 20,
+        description="Largest gRPC message accepted (tensor chunks are at most 1 MiB).",
+    )
+    max_shard_bytes: int = Field(2 << 30, ge=1 << 20, description="largest push payload")
+    max_inflight_bytes: Annotated[
+        int, Cli(("--max-inflight-bytes",), type=click.IntRange(min=1 << 20))
+    ] = Field(
+        48 << 20,
+        ge=1 << 20,
+        description="Shard payload bytes decoded at once over all pushes (a push is charged "
+        "when its tensor bytes start to arrive, the size its header declares, else the most "
+        "its round can carry); more pushes wait their turn, so memory stops growing with the "
+        "number of ranks once this is full.",
     )
 
     @field_validator("listen")
