@@ -164,6 +164,11 @@ def _class_sq_norms(r_BP: np.ndarray, block: _SortedBlock) -> np.ndarray:
     return np.add.reduceat(np.einsum("np,np->n", r_BP, r_BP), block.starts_J)
 
 
+def _is_torch(values: object) -> bool:
+    """A torch tensor, told without importing torch (the numpy engine never needs it)."""
+    return type(values).__module__.split(".", 1)[0] == "torch"
+
+
 def check_features(h_NP: np.ndarray, y_N: np.ndarray, num_classes: int) -> None:
     """Validate one block of features and labels; raise MetricInputError naming the problem."""
     if not isinstance(num_classes, (int, np.integer)) or num_classes < 2:
@@ -464,10 +469,15 @@ class Round2Stats:
 
 def round1_stats(h_NP: np.ndarray, y_N: np.ndarray, num_classes: int) -> Round1Stats:
     """Round-1 statistics of a block of features (any float dtype; accumulated in float64).
+    A torch tensor is computed on its own device (ncserve.metrics.torch_stats).
 
     Rows are visited sorted by class, a cache-sized block at a time, and each run of one
     class inside a block is summed at once.
     """
+    if _is_torch(h_NP):  # computed on the tensor's device (ncserve.metrics.torch_stats)
+        from ncserve.metrics import torch_stats
+
+        return torch_stats.round1_stats(h_NP, y_N, num_classes)  # type: ignore[arg-type]
     h_NP = np.asarray(h_NP)
     y_N = np.asarray(y_N).astype(np.intp, copy=False)
     check_features(h_NP, y_N, num_classes)
@@ -505,7 +515,12 @@ def round2_stats(
     w_KP: np.ndarray,
     b_K: np.ndarray | None = None,
 ) -> Round2Stats:
-    """Round-2 statistics of a block of features, given the global class means."""
+    """Round-2 statistics of a block of features, given the global class means. A torch
+    tensor is computed on its own device (ncserve.metrics.torch_stats)."""
+    if _is_torch(h_NP):  # computed on the tensor's device (ncserve.metrics.torch_stats)
+        from ncserve.metrics import torch_stats
+
+        return torch_stats.round2_stats(h_NP, y_N, class_means, w_KP, b_K)  # type: ignore[arg-type]
     h_NP = np.asarray(h_NP)
     y_N = np.asarray(y_N)
     K, P = class_means.num_classes, class_means.feature_dim
