@@ -19,12 +19,19 @@ import os
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeAlias, TypeGuard, TypeVar
 
 import numpy as np
 from threadpoolctl import threadpool_limits
 
 from ncserve.metrics.errors import MetricInputError
+
+if TYPE_CHECKING:
+    import torch
+
+# Features and labels: numpy arrays, or torch tensors (computed on their device).
+Features: TypeAlias = "np.ndarray | torch.Tensor"
+Labels: TypeAlias = "np.ndarray | torch.Tensor"
 
 # Rows per block are chosen so one float64 block of features stays near this size (2 MB):
 # several passes over a block then run from cache, and BLAS still sees long products.
@@ -164,7 +171,7 @@ def _class_sq_norms(r_BP: np.ndarray, block: _SortedBlock) -> np.ndarray:
     return np.add.reduceat(np.einsum("np,np->n", r_BP, r_BP), block.starts_J)
 
 
-def _is_torch(values: object) -> bool:
+def _is_torch(values: object) -> TypeGuard[torch.Tensor]:
     """A torch tensor, told without importing torch (the numpy engine never needs it)."""
     return type(values).__module__.split(".", 1)[0] == "torch"
 
@@ -467,7 +474,7 @@ class Round2Stats:
         return cls(n, scatter, sq_resid, agree, correct)
 
 
-def round1_stats(h_NP: np.ndarray, y_N: np.ndarray, num_classes: int) -> Round1Stats:
+def round1_stats(h_NP: Features, y_N: Labels, num_classes: int) -> Round1Stats:
     """Round-1 statistics of a block of features (any float dtype; accumulated in float64).
     A torch tensor is computed on its own device (ncserve.metrics.torch_stats).
 
@@ -477,7 +484,7 @@ def round1_stats(h_NP: np.ndarray, y_N: np.ndarray, num_classes: int) -> Round1S
     if _is_torch(h_NP):  # computed on the tensor's device (ncserve.metrics.torch_stats)
         from ncserve.metrics import torch_stats
 
-        return torch_stats.round1_stats(h_NP, y_N, num_classes)  # type: ignore[arg-type]
+        return torch_stats.round1_stats(h_NP, y_N, num_classes)
     h_NP = np.asarray(h_NP)
     y_N = np.asarray(y_N).astype(np.intp, copy=False)
     check_features(h_NP, y_N, num_classes)
@@ -509,8 +516,8 @@ def round1_stats(h_NP: np.ndarray, y_N: np.ndarray, num_classes: int) -> Round1S
 
 
 def round2_stats(
-    h_NP: np.ndarray,
-    y_N: np.ndarray,
+    h_NP: Features,
+    y_N: Labels,
     class_means: ClassMeans,
     w_KP: np.ndarray,
     b_K: np.ndarray | None = None,
@@ -520,7 +527,7 @@ def round2_stats(
     if _is_torch(h_NP):  # computed on the tensor's device (ncserve.metrics.torch_stats)
         from ncserve.metrics import torch_stats
 
-        return torch_stats.round2_stats(h_NP, y_N, class_means, w_KP, b_K)  # type: ignore[arg-type]
+        return torch_stats.round2_stats(h_NP, y_N, class_means, w_KP, b_K)
     h_NP = np.asarray(h_NP)
     y_N = np.asarray(y_N)
     K, P = class_means.num_classes, class_means.feature_dim

@@ -93,6 +93,19 @@ def _is_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def _engine_input(
+    h_NP: torch.Tensor, y_N: torch.Tensor
+) -> tuple[torch.Tensor | np.ndarray, torch.Tensor | np.ndarray]:
+    """Features for the metric engine: on a GPU the tensors themselves (both rounds run there,
+    ncserve.metrics.torch_stats); on the CPU numpy views of them, for the numpy engine, which
+    is faster there (benchmarks/metric_engine.py), without a copy for float32 or float64."""
+    if h_NP.device.type != "cpu":
+        return h_NP, y_N
+    if h_NP.dtype not in (torch.float32, torch.float64):
+        h_NP = h_NP.float()
+    return h_NP.numpy(), y_N.numpy()
+
+
 @dataclass
 class _Capture:
     """What a measurement takes from the model at its step (the only part that must run
@@ -101,9 +114,9 @@ class _Capture:
     step: int
     epoch: int | None
     scalars: dict[str, float]
-    h_NP: np.ndarray
-    y_N: np.ndarray
-    holdout: tuple[np.ndarray, np.ndarray] | None
+    h_NP: torch.Tensor
+    y_N: torch.Tensor
+    holdout: tuple[torch.Tensor, torch.Tensor] | None
     w_KP: np.ndarray
     b_K: np.ndarray | None
 
@@ -339,8 +352,9 @@ class Tracker:
         return w_KP, b_K
 
     @torch.no_grad()
-    def features(self, loader: Iterable[Any]) -> tuple[np.ndarray, np.ndarray]:
-        """(h_NP float32, y_N int64): the classifier's inputs over ``loader``, in eval mode."""
+    def features(self, loader: Iterable[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h_NP, y_N int64): the classifier's inputs over ``loader``, in eval mode, on the
+        device (and in the dtype) the model made them."""
         captured: list[torch.Tensor] = []
 
         def hook(_module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
@@ -390,9 +404,10 @@ class Tracker:
             handle.remove()
             self.model.train(was_training)
         if not captured:
+            device = self.classifier.weight.device
             return (
-                np.zeros((0, self.feature_dim), dtype=np.float32),
-                np.zeros(0, dtype=np.int64),
+                torch.zeros((0, self.feature_dim), device=device),
+                torch.zeros(0, dtype=torch.int64, device=device),
             )
         h = torch.cat([c.reshape(c.shape[0], -1) if c.ndim > 2 else c for c in captured])
         if h.shape[1] != self.feature_dim:
@@ -406,7 +421,8 @@ class Tracker:
                 f"got {y_all.shape[0]} labels for {h.shape[0]} feature rows "
                 "(one label per sample is needed)"
             )
-        return h.float().cpu().numpy(), y_all.cpu().numpy().astype(np.int64)
+        # The features stay where the model made them: on a GPU both rounds run there.
+        return h, y_all.to(device=h.device, dtype=torch.int64)
 
     def _forward(self, inputs: Any) -> None:
         if isinstance(inputs, Mapping):
@@ -512,7 +528,8 @@ class Tracker:
     def _service_rounds(self, c: _Capture) -> _Outcome:
         """Both rounds with the service for this rank, without any collective (so it can run
         in a background thread); the outcome says how far it got."""
-        out = _Outcome(round1_stats(c.h_NP, c.y_N, self.num_classes))
+        h_NP, y_N = _engine_input(c.h_NP, c.y_N)
+        out = _Outcome(round1_stats(h_NP, y_N, self.num_classes))
         try:
             self.client.push_round1(
                 self.run_id,
@@ -544,9 +561,11 @@ class Tracker:
 
     def _round2(self, c: _Capture, out: _Outcome, means: ClassMeans) -> None:
         """Round-2 statistics with ``means`` (and the held-out split's), pushed."""
-        out.r2 = round2_stats(c.h_NP, c.y_N, means, c.w_KP, c.b_K)
+        h_NP, y_N = _engine_input(c.h_NP, c.y_N)
+        out.r2 = round2_stats(h_NP, y_N, means, c.w_KP, c.b_K)
         if c.holdout is not None:
-            out.holdout = round2_stats(*c.holdout, means, c.w_KP, c.b_K)
+            h_NP, y_N = _engine_input(*c.holdout)
+            out.holdout = round2_stats(h_NP, y_N, means, c.w_KP, c.b_K)
         self.client.push_round2(
             self.run_id,
             c.step,
