@@ -97,8 +97,9 @@ def _engine_input(
     h_NP: torch.Tensor, y_N: torch.Tensor
 ) -> tuple[torch.Tensor | np.ndarray, torch.Tensor | np.ndarray]:
     """Features for the metric engine: on a GPU the tensors themselves (both rounds run there,
-    ncserve.metrics.torch_stats); on the CPU numpy views of them, for the numpy engine, which
-    is faster there (benchmarks/metric_engine.py), without a copy for float32 or float64."""
+    ncserve.metrics.torch_stats); on the CPU numpy views of them (no copy for float32 or
+    float64) for the numpy engine, level with torch there (benchmarks/torch_engine.py) and
+    holding its BLAS threads."""
     if h_NP.device.type != "cpu":
         return h_NP, y_N
     if h_NP.dtype not in (torch.float32, torch.float64):
