@@ -15,11 +15,10 @@ ends up with every measurement.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +41,7 @@ from ncserve.metrics import (
     round2_stats,
 )
 from ncserve.protocol import RUN_FAILED, RUN_FINISHED, RUN_ID_PATTERN, RUN_ID_RULE
+from ncserve.track.capture import ModelCapture, TrackerError, find_classifier, is_distributed
 from ncserve.track.sinks import CSVSink, TensorBoardSink, require_tensorboard
 
 log = logging.getLogger(__name__)
@@ -52,45 +52,11 @@ HOLDOUT_KEYS = ("holdout_nc4", "holdout_accuracy")
 _POLL_S = 0.005
 
 
-class TrackerError(ValueError):
-    """A tracker that cannot work as configured (no classifier found, wrong feature shape)."""
-
-
-def find_classifier(model: nn.Module) -> nn.Linear:
-    """The last ``nn.Linear`` registered in ``model`` (the usual place of the classifier)."""
-    last = None
-    for module in model.modules():
-        if isinstance(module, nn.Linear):
-            last = module
-    if last is None:
-        raise TrackerError(
-            f"no nn.Linear found in {type(model).__name__}; pass classifier=<the final layer>"
-        )
-    return last
-
-
-def _split_batch(batch: Any) -> tuple[Any, torch.Tensor]:
-    """(inputs, labels) from a (x, y) pair or a mapping with a 'labels' (or 'label') key."""
-    if isinstance(batch, Mapping):
-        for key in ("labels", "label", "y"):
-            if key in batch:
-                inputs = {k: v for k, v in batch.items() if k != key}
-                return inputs, batch[key]
-        raise TrackerError(f"batch mapping has no 'labels' key (keys: {sorted(batch)})")
-    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
-        return batch[0], batch[1]
-    raise TrackerError(f"a batch must be (inputs, labels) or a mapping, got {type(batch).__name__}")
-
-
 def _is_finalized(error: ServiceError) -> bool:
     """The service refused a push because the step is already finalized (or taken)."""
     return error.code.name == "ALREADY_EXISTS" or (
         error.code.name == "FAILED_PRECONDITION" and "already finalized" in error.details
     )
-
-
-def _is_initialized() -> bool:
-    return dist.is_available() and dist.is_initialized()
 
 
 def _engine_input(
@@ -134,7 +100,7 @@ class _Outcome:
     metrics: dict[str, float] | None = None
 
 
-class Tracker:
+class Tracker(ModelCapture):
     """Measure NC0-NC4 of ``model`` through the ncserve service.
 
     Args:
@@ -205,11 +171,11 @@ class Tracker:
         if not RUN_ID_PATTERN.fullmatch(run_id):
             raise TrackerError(f"run_id={run_id[:80]!r} is not valid: {RUN_ID_RULE}")
         self.run_id = run_id
-        self.rank = int(rank if rank is not None else (dist.get_rank() if _is_initialized() else 0))
+        self.rank = int(rank if rank is not None else (dist.get_rank() if is_distributed() else 0))
         self.world_size = int(
             world_size
             if world_size is not None
-            else (dist.get_world_size() if _is_initialized() else 1)
+            else (dist.get_world_size() if is_distributed() else 1)
         )
         self.deadline_s = float(deadline_s)
         self.run_dir = Path(run_dir) if run_dir is not None else Path("runs") / run_id
@@ -267,7 +233,7 @@ class Tracker:
             )
             address = self._server.address
             log.info("embedded ncserve service on %s", address)
-        if self.world_size > 1 and _is_initialized():
+        if self.world_size > 1 and is_distributed():
             box = [address]
             dist.broadcast_object_list(box, src=0)
             address = box[0]
@@ -275,194 +241,6 @@ class Tracker:
         return str(address)
 
     # -- reading the model ------------------------------------------------------------------
-
-    def _fsdp1_units(self) -> list[nn.Module]:
-        """The FSDP1 units of ``model`` that contain the classifier, outermost first."""
-        if not dist.is_available():
-            return []
-        from torch.distributed.fsdp import FullyShardedDataParallel
-
-        # modules() is pre-order, so a later match is nested deeper; the last one owns W, b.
-        return [
-            module
-            for module in self.model.modules()
-            if isinstance(module, FullyShardedDataParallel)
-            and any(inner is self.classifier for inner in module.modules())
-        ]
-
-    def _forward_is_collective(self) -> bool:
-        """Whether a forward pass gathers parameters from all ranks (FSDP, ZeRO-3, DTensor)."""
-        if not (_is_initialized() and self.world_size > 1):
-            return False
-        from torch.distributed.fsdp import FullyShardedDataParallel
-
-        if any(isinstance(m, FullyShardedDataParallel) for m in self.model.modules()):
-            return True
-        return any(
-            hasattr(p, "ds_id") or hasattr(p, "full_tensor") for p in self.model.parameters()
-        )
-
-    @contextlib.contextmanager
-    def _full_classifier(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-        """The whole W and b, gathered first under DeepSpeed ZeRO-3 or FSDP (collective)."""
-        fsdp1_units = self._fsdp1_units()
-        if fsdp1_units:
-            from torch.distributed.fsdp import FullyShardedDataParallel
-
-            # FSDP1 keeps W and b in a flat parameter: a 1-D shard per rank with
-            # use_orig_params=True, views valid only inside forward otherwise. Summon the
-            # unit that owns them, and the root unit first (its own parameters only): before
-            # the first forward, summoning a nested unit alone would make FSDP take it for
-            # the root. Copies, because FSDP frees that storage on exit, which torch refuses
-            # once numpy has seen it.
-            with contextlib.ExitStack() as stack:
-                for unit in dict.fromkeys((fsdp1_units[0], fsdp1_units[-1])):
-                    stack.enter_context(
-                        FullyShardedDataParallel.summon_full_params(
-                            unit, recurse=False, writeback=False
-                        )
-                    )
-                weight, bias = self.classifier.weight, self.classifier.bias
-                yield weight.detach().clone(), None if bias is None else bias.detach().clone()
-            return
-        weight, bias = self.classifier.weight, self.classifier.bias
-        params = [p for p in (weight, bias) if p is not None]
-        if any(hasattr(p, "ds_id") for p in params):
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-                yield weight.detach(), None if bias is None else bias.detach()
-            return
-        if hasattr(weight, "full_tensor"):  # DTensor (FSDP2 / tensor parallel)
-            full_w: torch.Tensor = getattr(weight, "full_tensor")()  # noqa: B009
-            full_b = None if bias is None else getattr(bias, "full_tensor")()  # noqa: B009
-            yield full_w.detach(), None if full_b is None else full_b.detach()
-            return
-        yield weight.detach(), None if bias is None else bias.detach()
-
-    def classifier_arrays(self) -> tuple[np.ndarray, np.ndarray | None]:
-        """(W, b) as float64 numpy arrays (a collective under ZeRO-3/FSDP)."""
-        with self._full_classifier() as (weight, bias):
-            w_KP = weight.float().cpu().numpy().astype(np.float64)
-            b_K = None if bias is None else bias.float().cpu().numpy().astype(np.float64)
-        if w_KP.shape != (self.num_classes, self.feature_dim):
-            raise TrackerError(
-                f"classifier weight has shape {w_KP.shape}, expected "
-                f"({self.num_classes}, {self.feature_dim}); is it sharded without a gather?"
-            )
-        return w_KP, b_K
-
-    @torch.no_grad()
-    def features(self, loader: Iterable[Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(h_NP, y_N int64): the classifier's inputs over ``loader``, in eval mode, on the
-        device (and in the dtype) the model made them."""
-        captured: list[torch.Tensor] = []
-
-        def hook(_module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-            captured.append(inputs[0].detach())
-
-        labels: list[torch.Tensor] = []
-        was_training = self.model.training
-        lockstep = self._forward_is_collective()
-        handle = self.classifier.register_forward_pre_hook(hook)
-        self.model.eval()
-        try:
-            batches = iter(loader)
-            batch = next(batches, None)
-            if lockstep and not self._all_true(batch is not None):
-                empty = [r for r, has in enumerate(self._gather(batch is not None)) if not has]
-                raise TrackerError(
-                    "with FSDP, ZeRO-3 or DTensor parameters every rank needs at least one "
-                    f"measurement batch (a forward pass is a collective); ranks {empty} got none"
-                )
-            last_inputs: Any = None
-            while True:
-                # In lockstep every rank joins the all-reduce each round, batch or not.
-                if lockstep:
-                    if self._all_true(batch is None):
-                        break
-                elif batch is None:
-                    break
-                before = len(captured)
-                if batch is None:
-                    # Sharded parameters are gathered with every rank in each forward, so a
-                    # rank whose shard ran out repeats its last batch (output discarded)
-                    # until every rank is done.
-                    self._forward(last_inputs)
-                    del captured[before:]
-                else:
-                    inputs, y = _split_batch(batch)
-                    self._forward(inputs)
-                    if len(captured) != before + 1:
-                        raise TrackerError(
-                            f"the classifier ran {len(captured) - before} times in one forward "
-                            "pass; pass classifier=<the final nn.Linear>"
-                        )
-                    labels.append(torch.as_tensor(y).reshape(-1))
-                    last_inputs = inputs
-                batch = next(batches, None)
-        finally:
-            handle.remove()
-            self.model.train(was_training)
-        if not captured:
-            device = self.classifier.weight.device
-            return (
-                torch.zeros((0, self.feature_dim), device=device),
-                torch.zeros(0, dtype=torch.int64, device=device),
-            )
-        h = torch.cat([c.reshape(c.shape[0], -1) if c.ndim > 2 else c for c in captured])
-        if h.shape[1] != self.feature_dim:
-            raise TrackerError(
-                f"classifier inputs have {h.shape[1]} features per sample, expected "
-                f"{self.feature_dim}"
-            )
-        y_all = torch.cat(labels)
-        if y_all.shape[0] != h.shape[0]:
-            raise TrackerError(
-                f"got {y_all.shape[0]} labels for {h.shape[0]} feature rows "
-                "(one label per sample is needed)"
-            )
-        # The features stay where the model made them: on a GPU both rounds run there.
-        return h, y_all.to(device=h.device, dtype=torch.int64)
-
-    def _forward(self, inputs: Any) -> None:
-        if isinstance(inputs, Mapping):
-            self.model(**inputs)
-        else:
-            self.model(inputs)
-
-    # -- collectives (no-ops in a single process) --------------------------------------------
-
-    def _collective_device(self) -> torch.device:
-        if dist.get_backend() == "nccl":
-            return torch.device("cuda", torch.cuda.current_device())
-        return torch.device("cpu")
-
-    def _all_true(self, flag: bool) -> bool:
-        return self._all_true_many(flag)[0]
-
-    def _all_true_many(self, *flags: bool) -> list[bool]:
-        """For each flag, whether it holds on every rank (one all-reduce for all of them)."""
-        if not (_is_initialized() and self.world_size > 1):
-            return list(flags)
-        t = torch.tensor(
-            [1 if f else 0 for f in flags], dtype=torch.int32, device=self._collective_device()
-        )
-        dist.all_reduce(t, op=dist.ReduceOp.MIN)
-        return [bool(v) for v in t.tolist()]
-
-    def _barrier(self) -> None:
-        if _is_initialized() and self.world_size > 1:
-            dist.barrier()
-
-    def _gather(self, obj: Any) -> list[Any]:
-        if not (_is_initialized() and self.world_size > 1):
-            return [obj]
-        out: list[Any] = [None] * self.world_size
-        dist.all_gather_object(out, obj)
-        return out
-
-    # -- measurement ------------------------------------------------------------------------
 
     def measure(
         self,
