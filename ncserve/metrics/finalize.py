@@ -178,7 +178,9 @@ def _nc1(basis: tuple[np.ndarray, np.ndarray] | None, scatter: np.ndarray, n: in
     if basis is None:
         return math.nan
     small, weight = basis
-    quad = np.einsum("ai,ab,bi->i", small, scatter, small) / n
+    # basis_i^T S basis_i for every i: one BLAS product (S @ basis) and a column-wise dot.
+    # (A three-operand einsum here ran as an unblocked d^3 loop: 1.5 s at d = 1000.)
+    quad = np.einsum("ai,ai->i", small, scatter @ small) / n
     return float(np.sum(quad * weight))
 
 
