@@ -1,6 +1,7 @@
 """Ingest benchmark of the ncserve service (numbers go in docs/service.md; not a timed test).
 
     python benchmarks/service_ingest.py [--clients 64] [--steps 20] [--classes 100] [--dim 2048]
+    python benchmarks/service_ingest.py --quick      # under 3 minutes, to rerun often
 
 Starts ``ncserve serve`` as a subprocess on loopback (SQLite store in a temporary
 directory), then C client threads, one channel each, play C ranks of one run for
@@ -394,6 +395,12 @@ def main() -> None:
         default=5,
         help="steps of each extra run that measures peak memory at C/4, C/2 and 2C ranks",
     )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a run to repeat often (under 3 minutes on 2 cores): 6 steps, one echo / ncserve "
+        "pair, 2-step memory runs; the same figures, noisier",
+    )
     # Internal: run as the echo server subprocess.
     parser.add_argument("--echo-server", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--means-bytes", type=int, default=0, help=argparse.SUPPRESS)
@@ -403,6 +410,8 @@ def main() -> None:
     if args.echo_server:
         echo_main(args.port_file, args.means_bytes, args.workers)
         return
+    if args.quick:
+        args.steps, args.repeats, args.memory_steps = 6, 1, 2
     K, P, steps, clients = args.classes, args.dim, args.steps, args.clients
 
     payloads = make_payloads(clients, K, P)
