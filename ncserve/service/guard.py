@@ -12,7 +12,10 @@ No client can take the service from the others:
   calls and health.
 - ``ByteBudget`` bounds the payload bytes decoded at once. A push is charged when its first
   tensor bytes arrive (not at its header), and a push that then stalls is cut by the idle
-  timeout, so a stalled stream holds the budget for at most that long.
+  timeout, so a stalled stream holds the budget for at most that long; small pushes and
+  class-means answers (at most 256 KiB) are not charged, so they never wait behind it.
+  (Charging each chunk as it arrives would let every stream hold part of the budget while
+  waiting for the rest: a livelock once the ranks of a step together need more than it.)
 """
 
 from __future__ import annotations
@@ -31,6 +34,9 @@ from ncserve.service.errors import TruncatedStream, Unavailable
 
 T = TypeVar("T")
 
+# Pushes and class-means answers of at most this many bytes are not charged to the budget.
+SMALL_BYTES = 256 << 10
+
 
 class ByteBudget:
     """Counting semaphore over bytes, granted in arrival order. A request larger than the
@@ -39,17 +45,28 @@ class ByteBudget:
     Each waiter has its own event and a release wakes only the waiters it lets in: with
     every rank of a step asking at once, waking them all on each release (to find the one
     that fits) cost more than the work they waited for.
+
+    Requests of at most ``small_bytes`` are not charged: the memory they can hold is bounded
+    by the stream limit times that, and they never wait behind a large request that stalls.
     """
 
-    def __init__(self, capacity: int, max_wait_s: float) -> None:
+    def __init__(self, capacity: int, max_wait_s: float, small_bytes: int = 0) -> None:
         self._capacity = capacity
         self._max_wait_s = max_wait_s
+        # Requests of at most this many bytes pass without being charged.
+        self._small_bytes = small_bytes
         self._used = 0
         self._lock = threading.Lock()
         self._waiters: collections.deque[_BudgetWaiter] = collections.deque()
 
     @contextlib.contextmanager
     def hold(self, num_bytes: int, timeout_s: float | None) -> Iterator[None]:
+        if num_bytes <= self._small_bytes:
+            # Too small to queue for: the memory is bounded by the stream limit times this,
+            # and a small push or class-means answer never waits behind a large one that
+            # stalls.
+            yield
+            return
         need = min(num_bytes, self._capacity)
         wait_s = self._max_wait_s if timeout_s is None else max(timeout_s, 0.0)
         with self._lock:

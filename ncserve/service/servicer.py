@@ -31,7 +31,7 @@ from ncserve.service.errors import (
     TruncatedStream,
 )
 from ncserve.service.exporter import ServiceMetrics
-from ncserve.service.guard import ByteBudget, StreamGuard
+from ncserve.service.guard import SMALL_BYTES, ByteBudget, StreamGuard
 from ncserve.service.shards import expected_payload_bytes
 from ncserve.service.store import MeasurementRecord, RunRecord
 from ncserve.v1 import ncserve_pb2 as pb
@@ -191,7 +191,9 @@ class NCServicer(pb_grpc.NCServiceServicer):
         self._metrics = metrics
         self._guard = guard
         self._max_shard_bytes = max_shard_bytes
-        self._budget = ByteBudget(max_inflight_bytes, aggregator.limits.step_deadline_s)
+        self._budget = ByteBudget(
+            max_inflight_bytes, aggregator.limits.step_deadline_s, small_bytes=SMALL_BYTES
+        )
         self._means_lock = threading.Lock()
         # Encoded once per step and shared by every rank's FetchClassMeans.
         self._means_cache: collections.OrderedDict[tuple[str, int], _EncodedMeans] = (
