@@ -17,7 +17,7 @@ from pydantic import BaseModel
 
 from launcher.config import RunConfig
 from ncserve.errors import UserError
-from ncserve.options import cli_of
+from ncserve.options import Cli, cli_of, click_option
 
 
 @dataclass(frozen=True)
@@ -83,18 +83,8 @@ def add_flags(command: click.Command) -> click.Command:
         default = _field_default(flag.path)
         if isinstance(default, Path):
             default = str(default)
-        option = click.option(
-            *flag.decls,
-            flag.name,
-            type=flag.type,
-            envvar=flag.envvar,
-            is_flag=flag.is_flag or None,
-            default=default,
-            show_default=flag.default_text or True,
-            show_envvar=flag.envvar is not None,
-            help=flag.help,
-        )
-        command = option(command)
+        cli = Cli(flag.decls, flag.type, flag.envvar, flag.is_flag, flag.default_text)
+        command = click_option(flag.name, default, flag.help, cli)(command)
     return command
 
 

@@ -187,31 +187,38 @@ def _is_torch(values: object) -> TypeGuard[torch.Tensor]:
     return type(values).__module__.split(".", 1)[0] == "torch"
 
 
-def check_features(h_NP: np.ndarray, y_N: np.ndarray, num_classes: int) -> None:
-    """Validate one block of features and labels; raise MetricInputError naming the problem."""
+def check_shapes(h_shape: tuple[int, ...], y_shape: tuple[int, ...], num_classes: object) -> None:
+    """The shapes of a block of features and labels (numpy's or torch's), and K."""
     if not isinstance(num_classes, (int, np.integer)) or num_classes < 2:
         raise MetricInputError(f"num_classes must be an integer >= 2, got {num_classes!r}")
-    if h_NP.ndim != 2:
-        raise MetricInputError(f"features must be 2-D (N x P), got shape {h_NP.shape}")
-    if y_N.ndim != 1 or y_N.shape[0] != h_NP.shape[0]:
+    if len(h_shape) != 2:
+        raise MetricInputError(f"features must be 2-D (N x P), got shape {h_shape}")
+    if len(y_shape) != 1 or y_shape[0] != h_shape[0]:
         raise MetricInputError(
-            f"labels must be 1-D with one label per feature row ({h_NP.shape[0]}), "
-            f"got shape {y_N.shape}"
+            f"labels must be 1-D with one label per feature row ({h_shape[0]}), got shape {y_shape}"
         )
-    if h_NP.shape[1] < 1:
+    if h_shape[1] < 1:
         raise MetricInputError("features have no columns (feature_dim 0)")
+
+
+def check_label_range(lo: int, hi: int, num_classes: int) -> None:
+    if lo < 0 or hi >= num_classes:
+        bad = lo if lo < 0 else hi
+        raise MetricInputError(
+            f"labels must lie in [0, {num_classes - 1}] for num_classes={num_classes}, "
+            f"found label {bad}"
+        )
+
+
+def check_features(h_NP: np.ndarray, y_N: np.ndarray, num_classes: int) -> None:
+    """Validate one block of features and labels; raise MetricInputError naming the problem."""
+    check_shapes(tuple(h_NP.shape), tuple(y_N.shape), num_classes)
     if not (np.issubdtype(h_NP.dtype, np.floating) or np.issubdtype(h_NP.dtype, np.integer)):
         raise MetricInputError(f"features must be numeric, got dtype {h_NP.dtype}")
     if not np.issubdtype(y_N.dtype, np.integer):
         raise MetricInputError(f"labels must be integers, got dtype {y_N.dtype}")
     if y_N.size:
-        lo, hi = int(y_N.min()), int(y_N.max())
-        if lo < 0 or hi >= num_classes:
-            bad = lo if lo < 0 else hi
-            raise MetricInputError(
-                f"labels must lie in [0, {num_classes - 1}] for num_classes={num_classes}, "
-                f"found label {bad}"
-            )
+        check_label_range(int(y_N.min()), int(y_N.max()), num_classes)
 
 
 def _non_finite_error(h_NP: np.ndarray) -> MetricInputError:

@@ -20,36 +20,26 @@ import numpy as np
 import torch
 
 from ncserve.metrics.errors import MetricInputError
-from ncserve.metrics.stats import ClassMeans, Round1Stats, Round2Stats
+from ncserve.metrics.stats import (
+    ClassMeans,
+    Round1Stats,
+    Round2Stats,
+    check_label_range,
+    check_shapes,
+)
 
 # Elements of one float64 block (rows x max(P, 2K)): 32 MB on the device.
 BLOCK_ELEMENTS = 1 << 22
 
 
 def _check(h_NP: torch.Tensor, y_N: torch.Tensor, num_classes: int) -> None:
-    if not isinstance(num_classes, int | np.integer) or num_classes < 2:
-        raise MetricInputError(f"num_classes must be an integer >= 2, got {num_classes!r}")
-    if h_NP.ndim != 2:
-        raise MetricInputError(f"features must be 2-D (N x P), got shape {tuple(h_NP.shape)}")
-    if y_N.ndim != 1 or y_N.shape[0] != h_NP.shape[0]:
-        raise MetricInputError(
-            f"labels must be 1-D with one label per feature row ({h_NP.shape[0]}), "
-            f"got shape {tuple(y_N.shape)}"
-        )
-    if h_NP.shape[1] < 1:
-        raise MetricInputError("features have no columns (feature_dim 0)")
+    check_shapes(tuple(h_NP.shape), tuple(y_N.shape), num_classes)
     if h_NP.is_complex() or h_NP.dtype == torch.bool:
         raise MetricInputError(f"features must be real numbers, got dtype {h_NP.dtype}")
     if y_N.is_floating_point() or y_N.is_complex() or y_N.dtype == torch.bool:
         raise MetricInputError(f"labels must be integers, got dtype {y_N.dtype}")
     if y_N.numel():
-        lo, hi = int(y_N.min()), int(y_N.max())
-        if lo < 0 or hi >= num_classes:
-            bad = lo if lo < 0 else hi
-            raise MetricInputError(
-                f"labels must lie in [0, {num_classes - 1}] for num_classes={num_classes}, "
-                f"found label {bad}"
-            )
+        check_label_range(int(y_N.min()), int(y_N.max()), num_classes)
 
 
 def _blocks(num_rows: int, width: int) -> Iterator[slice]:
