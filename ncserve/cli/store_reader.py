@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from ncserve.client.client import measurement_to_dict, run_to_dict
+from ncserve.client.types import measurement_to_dict, run_to_dict
 from ncserve.errors import UserError
 from ncserve.service.servicer import measurement, run_info
 from ncserve.service.shards import RunView

@@ -6,15 +6,15 @@ buffer that replays in order, and a report of what could not be delivered.
 """
 
 from ncserve.client.buffer import BufferKey, DroppedEntry, SpoolInUseError
-from ncserve.client.client import (
+from ncserve.client.client import NCClient
+from ncserve.client.retry import RetryPolicy
+from ncserve.client.types import (
     DeliveryReport,
-    NCClient,
     RejectedEntry,
     ServiceError,
     TLSConfig,
     TrainTally,
 )
-from ncserve.client.retry import RetryPolicy
 
 __all__ = [
     "BufferKey",

@@ -19,7 +19,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -34,18 +34,24 @@ from ncserve.client.buffer import (
     KIND_ROUND2,
     KIND_SCALARS,
     BufferKey,
-    DroppedEntry,
     DurableBuffer,
 )
 from ncserve.client.payload import decode_payload, encode_payload
-from ncserve.client.retry import TRANSIENT_CODES, RetryPolicy, is_transient, status_code
-from ncserve.metrics import METRIC_KEYS, ClassMeans, MetricInputError, Round1Stats, Round2Stats
+from ncserve.client.queries import ServiceQueries
+from ncserve.client.retry import RetryPolicy, is_transient, status_code
+from ncserve.client.types import (
+    DeliveryReport,
+    RejectedEntry,
+    ServiceError,
+    TLSConfig,
+    TrainTally,
+)
+from ncserve.metrics import ClassMeans, MetricInputError, Round1Stats, Round2Stats
 from ncserve.protocol import (
     HOLDOUT_PREFIX,
     MAX_REASON_CHARS,
     RUN_END_STATES,
     RUN_FINISHED,
-    RUN_STATE_NAMES,
     RUN_STATE_VALUES,
 )
 from ncserve.v1 import ncserve_pb2 as pb
@@ -68,115 +74,6 @@ _CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.max_reconnect_backoff_ms", 2000),
     ("grpc.enable_retries", 0),
 ]
-
-
-class ServiceError(Exception):
-    """The service refused a call for a reason retrying cannot fix (or stayed unreachable
-    for a query, which has no buffer to fall back on).
-
-    ``code`` is the ``grpc.StatusCode``; ``details`` the server's message, verbatim.
-    """
-
-    def __init__(self, method: str, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(f"{method}: {code.name}: {details}")
-        self.method = method
-        self.code = code
-        self.details = details
-
-
-@dataclass(frozen=True)
-class TLSConfig:
-    """How to secure the channel.
-
-    ``ca_cert``: PEM file of the CA that signed the server certificate (None: system roots).
-    ``client_cert``/``client_key``: PEM files for mutual TLS (both or neither).
-    ``server_name``: the name to check the server certificate against, when it differs
-    from the host in ``target`` (e.g. connecting to 127.0.0.1 with a "localhost" cert).
-    """
-
-    ca_cert: Path | None = None
-    client_cert: Path | None = None
-    client_key: Path | None = None
-    server_name: str | None = None
-
-    def __post_init__(self) -> None:
-        if (self.client_cert is None) != (self.client_key is None):
-            raise ValueError(
-                "client_cert and client_key go together for mutual TLS; got "
-                f"client_cert={self.client_cert!r}, client_key={self.client_key!r}"
-            )
-
-    def credentials(self) -> grpc.ChannelCredentials:
-        def read(path: Path | None, name: str) -> bytes | None:
-            if path is None:
-                return None
-            try:
-                return Path(path).read_bytes()
-            except OSError as error:
-                raise ValueError(f"cannot read {name} {str(path)!r}: {error.strerror}") from None
-
-        return grpc.ssl_channel_credentials(
-            root_certificates=read(self.ca_cert, "ca_cert"),
-            private_key=read(self.client_key, "client_key"),
-            certificate_chain=read(self.client_cert, "client_cert"),
-        )
-
-
-@dataclass(frozen=True)
-class TrainTally:
-    """One rank's exact training tallies for a measurement (summed over ranks by the service)."""
-
-    loss_sum: float
-    num_correct: int
-    num_samples: int
-
-
-@dataclass(frozen=True)
-class RejectedEntry:
-    """A buffered call the service refused for good when it was replayed."""
-
-    key: BufferKey
-    code: str
-    details: str
-
-    def __str__(self) -> str:
-        return f"{self.key}: {self.code}: {self.details}"
-
-
-@dataclass(frozen=True)
-class DeliveryReport:
-    """What became of every call the client accepted.
-
-    ``delivered``: calls the service acknowledged (directly or on replay; ``replayed`` of
-    them from the buffer). ``buffered``: calls still waiting, oldest first, with their bytes;
-    ``persisted`` says they are in the spool, so a new client on the same ``spill_dir``
-    replays them. ``dropped``: calls lost to the buffer's hard limit (or a damaged spool
-    file). ``rejected``: buffered calls the service refused for good on replay.
-    """
-
-    delivered: int
-    replayed: int
-    buffered: tuple[BufferKey, ...]
-    buffered_bytes: int
-    persisted: bool
-    dropped: tuple[DroppedEntry, ...]
-    rejected: tuple[RejectedEntry, ...]
-
-    @property
-    def complete(self) -> bool:
-        """True when nothing is waiting, dropped or rejected."""
-        return not (self.buffered or self.dropped or self.rejected)
-
-    def summary(self) -> str:
-        parts = [f"{self.delivered} delivered ({self.replayed} replayed)"]
-        if self.buffered:
-            where = "on disk" if self.persisted else "in memory"
-            parts.append(f"{len(self.buffered)} still buffered {where} ({self.buffered_bytes} B)")
-        if self.dropped:
-            parts.append(f"{len(self.dropped)} dropped: " + "; ".join(map(str, self.dropped)))
-        if self.rejected:
-            parts.append(f"{len(self.rejected)} rejected: " + "; ".join(map(str, self.rejected)))
-        return ", ".join(parts)
 
 
 @dataclass
@@ -220,7 +117,7 @@ def _details(error: BaseException) -> str:
     return text or str(error)
 
 
-class NCClient:
+class NCClient(ServiceQueries):
     """Client of the ncserve service; thread-safe. See the module docstring."""
 
     def __init__(
@@ -465,114 +362,6 @@ class NCClient:
             )
         except MetricInputError as error:
             raise ServiceError("FetchClassMeans", grpc.StatusCode.DATA_LOSS, str(error)) from None
-
-    # -- queries (raise ServiceError; nothing to buffer) ----------------------------------
-
-    def list_runs(self, states: Iterable[str] = (), *, page_size: int = 0) -> list[dict[str, Any]]:
-        """Every run (oldest first), or those in ``states``, reading page after page."""
-        wanted = [RUN_STATE_VALUES[state] for state in states]
-        runs: list[dict[str, Any]] = []
-        token = ""
-        while True:
-            request = pb.ListRunsRequest(page_size=page_size, page_token=token, states=wanted)
-            reply = self._query("ListRuns", self._stub.ListRuns, request)
-            runs.extend(run_to_dict(run) for run in reply.runs)
-            token = reply.next_page_token
-            if not token:
-                return runs
-
-    def delete_run(self, run_id: str) -> dict[str, int]:
-        """Remove a run and everything the service stored of it."""
-        reply = self._query("DeleteRun", self._stub.DeleteRun, pb.DeleteRunRequest(run_id=run_id))
-        return {
-            "num_measurements": reply.num_measurements,
-            "num_scalar_steps": reply.num_scalar_steps,
-        }
-
-    def get_run(self, run_id: str) -> dict[str, Any]:
-        reply = self._query("GetRun", self._stub.GetRun, pb.GetRunRequest(run_id=run_id))
-        return run_to_dict(reply)
-
-    def get_metrics(
-        self,
-        run_id: str,
-        step: int | None = None,
-        all_steps: bool = False,
-        *,
-        include_incomplete: bool = False,
-    ) -> dict[str, Any] | list[dict[str, Any]]:
-        """One step (``step``), every step (``all_steps``: a list, by step) or the latest."""
-        if step is not None and all_steps:
-            raise ValueError("give either step or all_steps=True, not both")
-        request = pb.GetMetricsRequest(run_id=run_id, include_incomplete=include_incomplete)
-        if all_steps:
-            request.range.SetInParent()
-        elif step is not None:
-            request.step = int(step)
-        else:
-            request.latest = True
-        reply = self._query("GetMetrics", self._stub.GetMetrics, request)
-        rows = [measurement_to_dict(m) for m in reply.measurements]
-        if all_steps:
-            return rows
-        if not rows:
-            what = f"step {step}" if step is not None else "a latest measurement"
-            raise ServiceError(
-                "GetMetrics", grpc.StatusCode.NOT_FOUND, f"run {run_id!r} has no {what}"
-            )
-        return rows[0]
-
-    def watch(
-        self,
-        run_id: str,
-        *,
-        after_step: int | None = None,
-        include_incomplete: bool = False,
-        reconnect_s: float | None = None,
-    ) -> Iterator[dict[str, Any]]:
-        """Measurements of ``run_id`` as they are finalized, until the caller stops iterating
-        or the client is closed.
-
-        With ``after_step`` the stored measurements after that step come first. If the
-        stream breaks (server restart), it reconnects with backoff and resumes after the last
-        step seen, giving up with ServiceError(UNAVAILABLE) after ``reconnect_s`` (default:
-        the client's deadline) without a connection.
-        """
-        self._check_open()
-        window = self.deadline_s if reconnect_s is None else float(reconnect_s)
-        last = after_step
-        down_since: float | None = None
-        attempt = 0
-        while not self._stop.is_set():
-            request = pb.WatchMetricsRequest(run_id=run_id, include_incomplete=include_incomplete)
-            if last is not None:
-                request.after_step = int(last)
-            call = self._stub.WatchMetrics(request, metadata=self._metadata)
-            with self._watches_lock:
-                self._watches.add(call)
-            try:
-                for measurement in call:
-                    down_since, attempt = None, 0
-                    last = measurement.step if last is None else max(last, measurement.step)
-                    yield measurement_to_dict(measurement)
-                return  # the server ended the stream (shutdown) without an error
-            except grpc.RpcError as error:
-                code = status_code(error)
-                if code == grpc.StatusCode.CANCELLED and self._stop.is_set():
-                    return
-                if code not in TRANSIENT_CODES:
-                    raise self._service_error("WatchMetrics", error) from None
-                now = time.monotonic()
-                down_since = now if down_since is None else down_since
-                if now - down_since >= window:
-                    raise self._service_error("WatchMetrics", error) from None
-                if self._stop.wait(self._retry.backoff_s(attempt)):
-                    return
-                attempt += 1
-            finally:
-                call.cancel()
-                with self._watches_lock:
-                    self._watches.discard(call)
 
     # -- delivery ---------------------------------------------------------------------------
 
@@ -914,46 +703,3 @@ def _shard_stream(
 def _is_loopback(target: str) -> bool:
     host = target.rsplit(":", 1)[0].strip("[]")
     return host in ("localhost", "::1") or host.startswith("127.")
-
-
-def run_to_dict(run: pb.RunInfo) -> dict[str, Any]:
-    return {
-        "run_id": run.run_id,
-        "num_classes": run.num_classes,
-        "feature_dim": run.feature_dim,
-        "world_size": run.world_size,
-        "metadata": dict(run.metadata),
-        "created_unix": run.created_unix,
-        "num_measurements": run.num_measurements,
-        "num_incomplete": run.num_incomplete,
-        "latest_step": run.latest_step if run.HasField("latest_step") else None,
-        "first_step": run.first_step if run.HasField("first_step") else None,
-        "num_open_steps": run.num_open_steps,
-        "state": RUN_STATE_NAMES.get(run.state, "unknown"),
-        "state_reason": run.state_reason,
-        "ended_unix": run.ended_unix if run.HasField("ended_unix") else None,
-        "last_activity_unix": run.last_activity_unix,
-    }
-
-
-def measurement_to_dict(m: pb.Measurement) -> dict[str, Any]:
-    """One measurement as a flat dict: ``step``, then the keys ``ncserve compute`` prints."""
-    row: dict[str, Any] = {"run_id": m.run_id, "step": m.step}
-    row["epoch"] = m.epoch if m.HasField("epoch") else None
-    complete = m.status == pb.STEP_COMPLETE
-    row["status"] = "complete" if complete else "incomplete"
-    if complete:
-        metrics = m.metrics
-        for key in METRIC_KEYS:
-            row[key] = getattr(metrics, key)
-        row["num_samples"] = metrics.num_samples
-        row["num_classes"] = metrics.num_classes
-        row["feature_dim"] = metrics.feature_dim
-        for key in ("holdout_nc4", "holdout_accuracy", "holdout_num_samples"):
-            if metrics.HasField(key):
-                row[key] = getattr(metrics, key)
-    else:
-        row["incomplete_reason"] = m.incomplete_reason
-    row["scalars"] = dict(m.scalars)
-    row["finalized_unix"] = m.finalized_unix
-    return row
