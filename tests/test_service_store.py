@@ -10,14 +10,8 @@ import numpy as np
 import pytest
 
 from ncserve.service.errors import ResourceExhausted, ServiceError
-from ncserve.service.store import (
-    MIGRATIONS,
-    SCHEMA_VERSION,
-    RunRecord,
-    ShardRecord,
-    Store,
-    StoreError,
-)
+from ncserve.service.records import RunRecord, ShardRecord
+from ncserve.service.store import MIGRATIONS, SCHEMA_VERSION, Store, StoreError
 
 
 def test_new_database_is_wal_with_a_recorded_schema(tmp_path: Path) -> None:

@@ -53,6 +53,7 @@ from ncserve.service.errors import (
 from ncserve.service.exporter import ServiceMetrics
 from ncserve.service.merges import StepMerges
 from ncserve.service.queries import RunQueries
+from ncserve.service.records import RunRecord, ShardRecord
 from ncserve.service.runs import AggregatorLimits, RunRegistry
 from ncserve.service.shards import (
     DeadlineExceeded,
@@ -65,11 +66,7 @@ from ncserve.service.shards import (
     decode_round2,
     r2_from_stored,
 )
-from ncserve.service.store import (
-    RunRecord,
-    ShardRecord,
-    Store,
-)
+from ncserve.service.store import Store
 
 log = logging.getLogger(__name__)
 

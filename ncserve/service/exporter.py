@@ -38,7 +38,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from ncserve.protocol import RUN_STATES
-from ncserve.service.store import MeasurementRecord, RunCounts, RunRecord
+from ncserve.service.records import MeasurementRecord, RunCounts, RunRecord
 
 if TYPE_CHECKING:
     from ncserve.service.runs import RunRegistry

@@ -29,6 +29,7 @@ from ncserve.service.errors import (
     ServiceError,
 )
 from ncserve.service.exporter import ServiceMetrics
+from ncserve.service.records import MeasurementRecord, ShardRecord
 from ncserve.service.runs import RunRegistry
 from ncserve.service.shards import (
     OpenStep,
@@ -40,7 +41,7 @@ from ncserve.service.shards import (
     round1_sound,
     round2_finite,
 )
-from ncserve.service.store import MeasurementRecord, ShardRecord, Store
+from ncserve.service.store import Store
 
 log = logging.getLogger(__name__)
 

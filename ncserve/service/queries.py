@@ -8,8 +8,9 @@ from collections.abc import Mapping
 
 from ncserve.protocol import MAX_SCALARS, SCALAR_KEY_PATTERN
 from ncserve.service.errors import InvalidArgument, NotFound
+from ncserve.service.records import MeasurementRecord, ScalarRecord
 from ncserve.service.runs import RunRegistry
-from ncserve.service.store import MeasurementRecord, ScalarRecord, Store
+from ncserve.service.store import Store
 
 # Steps are SQLite INTEGERs (int64).
 _MAX_STEP = (1 << 63) - 1

@@ -48,7 +48,8 @@ from ncserve.service.errors import (
     NotFound,
     ResourceExhausted,
 )
-from ncserve.service.store import RunRecord, Store
+from ncserve.service.records import RunRecord
+from ncserve.service.store import Store
 
 log = logging.getLogger(__name__)
 

@@ -32,8 +32,8 @@ from ncserve.service.errors import (
 )
 from ncserve.service.exporter import ServiceMetrics
 from ncserve.service.guard import SMALL_BYTES, ByteBudget, StreamGuard
+from ncserve.service.records import MeasurementRecord, RunRecord
 from ncserve.service.shards import expected_payload_bytes
-from ncserve.service.store import MeasurementRecord, RunRecord
 from ncserve.v1 import ncserve_pb2 as pb
 from ncserve.v1 import ncserve_pb2_grpc as pb_grpc
 

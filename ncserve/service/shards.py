@@ -31,7 +31,7 @@ from ncserve.protocol import (
     ROUND_1,
 )
 from ncserve.service.errors import InvalidArgument, ServiceError
-from ncserve.service.store import RunCounts, RunRecord, ShardRecord
+from ncserve.service.records import RunCounts, RunRecord, ShardRecord
 
 
 class DeadlineExceeded(ServiceError):
