@@ -17,24 +17,25 @@ from pydantic import BaseModel
 
 from launcher.config import RunConfig
 from ncserve.errors import UserError
-from ncserve.options import Cli, cli_of, click_option
+from ncserve.options import Cli, cli_fields, click_option
 
 
 @dataclass(frozen=True)
 class Flag:
-    """One command-line option and the RunConfig field it sets."""
+    """One command-line option: the RunConfig field it sets (its dotted path), the field's
+    description as help, and its ``Cli`` metadata."""
 
-    decls: tuple[str, ...]
     path: str
     help: str
-    type: Any = None
-    envvar: str | None = None
-    is_flag: bool = False
-    default_text: str | None = None
+    cli: Cli
 
     @property
     def name(self) -> str:
         return self.path.replace(".", "__")
+
+    @property
+    def decls(self) -> tuple[str, ...]:
+        return self.cli.decls
 
 
 # --help's order: the launch sections first, the run's identity last.
@@ -47,22 +48,9 @@ def _flags() -> tuple[Flag, ...]:
     for section in _SECTIONS:
         model = RunConfig if not section else RunConfig.model_fields[section].annotation
         assert isinstance(model, type) and issubclass(model, BaseModel)
-        for name, field in model.model_fields.items():
-            cli = cli_of(field)
-            if cli is None:
-                continue
-            assert field.description, f"{section}.{name} has no description for --help"
-            flags.append(
-                Flag(
-                    cli.decls,
-                    f"{section}.{name}" if section else name,
-                    field.description,
-                    cli.type,
-                    cli.envvar,
-                    cli.is_flag,
-                    cli.default_text,
-                )
-            )
+        for name, field, cli in cli_fields(model):
+            path = f"{section}.{name}" if section else name
+            flags.append(Flag(path, str(field.description), cli))
     return tuple(flags)
 
 
@@ -83,8 +71,7 @@ def add_flags(command: click.Command) -> click.Command:
         default = _field_default(flag.path)
         if isinstance(default, Path):
             default = str(default)
-        cli = Cli(flag.decls, flag.type, flag.envvar, flag.is_flag, flag.default_text)
-        command = click_option(flag.name, default, flag.help, cli)(command)
+        command = click_option(flag.name, default, flag.help, flag.cli)(command)
     return command
 
 
