@@ -156,9 +156,6 @@ class Aggregator(RunQueries, StepMerges):
     def run_view(self, run_id: str) -> RunView:
         return self._views([self.runs.get(run_id)])[0]
 
-    def list_runs(self) -> list[RunView]:
-        return self._views(self.runs.all())
-
     def list_runs_page(
         self, page_size: int, page_token: str, states: list[str]
     ) -> tuple[list[RunView], bool]:
