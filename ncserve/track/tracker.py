@@ -59,9 +59,10 @@ def _is_finalized(error: ServiceError) -> bool:
     )
 
 
-def _engine_input(
-    h_NP: torch.Tensor, y_N: torch.Tensor
-) -> tuple[torch.Tensor | np.ndarray, torch.Tensor | np.ndarray]:
+_EngineArray = torch.Tensor | np.ndarray
+
+
+def _engine_input(h_NP: torch.Tensor, y_N: torch.Tensor) -> tuple[_EngineArray, _EngineArray]:
     """Features for the metric engine: on a GPU the tensors themselves (both rounds run there,
     ncserve.metrics.torch_stats); on the CPU numpy views of them (no copy for float32 or
     float64) for the numpy engine, level with torch there (benchmarks/torch_engine.py) and
@@ -76,14 +77,15 @@ def _engine_input(
 @dataclass
 class _Capture:
     """What a measurement takes from the model at its step (the only part that must run
-    in the training loop): features, labels and the classifier, plus the step's context."""
+    in the training loop): features and labels, already in the metric engine's form
+    (``_engine_input``), and the classifier, plus the step's context."""
 
     step: int
     epoch: int | None
     scalars: dict[str, float]
-    h_NP: torch.Tensor
-    y_N: torch.Tensor
-    holdout: tuple[torch.Tensor, torch.Tensor] | None
+    h_NP: _EngineArray
+    y_N: _EngineArray
+    holdout: tuple[_EngineArray, _EngineArray] | None
     w_KP: np.ndarray
     b_K: np.ndarray | None
 
@@ -299,16 +301,17 @@ class Tracker(ModelCapture):
         holdout_loader: Iterable[Any] | None,
         scalars: Mapping[str, float] | None,
     ) -> _Capture:
-        h_NP, y_N = self.features(loader)
-        holdout = self.features(holdout_loader) if holdout_loader is not None else None
+        h_NP, y_N = _engine_input(*self.features(loader))
+        holdout = None
+        if holdout_loader is not None:
+            holdout = _engine_input(*self.features(holdout_loader))
         w_KP, b_K = self.classifier_arrays()
         return _Capture(step, epoch, dict(scalars or {}), h_NP, y_N, holdout, w_KP, b_K)
 
     def _service_rounds(self, c: _Capture) -> _Outcome:
         """Both rounds with the service for this rank, without any collective (so it can run
         in a background thread); the outcome says how far it got."""
-        h_NP, y_N = _engine_input(c.h_NP, c.y_N)
-        out = _Outcome(round1_stats(h_NP, y_N, self.num_classes))
+        out = _Outcome(round1_stats(c.h_NP, c.y_N, self.num_classes))
         try:
             self.client.push_round1(
                 self.run_id,
@@ -340,11 +343,9 @@ class Tracker(ModelCapture):
 
     def _round2(self, c: _Capture, out: _Outcome, means: ClassMeans) -> None:
         """Round-2 statistics with ``means`` (and the held-out split's), pushed."""
-        h_NP, y_N = _engine_input(c.h_NP, c.y_N)
-        out.r2 = round2_stats(h_NP, y_N, means, c.w_KP, c.b_K)
+        out.r2 = round2_stats(c.h_NP, c.y_N, means, c.w_KP, c.b_K)
         if c.holdout is not None:
-            h_NP, y_N = _engine_input(*c.holdout)
-            out.holdout = round2_stats(h_NP, y_N, means, c.w_KP, c.b_K)
+            out.holdout = round2_stats(*c.holdout, means, c.w_KP, c.b_K)
         self.client.push_round2(
             self.run_id,
             c.step,
