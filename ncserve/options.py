@@ -46,7 +46,10 @@ def cli_fields(model: type[BaseModel]) -> Iterator[tuple[str, FieldInfo, Cli]]:
 
 
 def click_option(param_name: str, default: Any, help_text: str, cli: Cli) -> Callable[[F], F]:
-    """The click option of one field."""
+    """The click option of one field; a duration's default is shown in its largest unit."""
+    shown: str | bool = cli.default_text or True
+    if cli.default_text is None and isinstance(cli.type, Duration) and default is not None:
+        shown = shown_duration(default)
     return click.option(
         *cli.decls,
         param_name,
@@ -54,7 +57,7 @@ def click_option(param_name: str, default: Any, help_text: str, cli: Cli) -> Cal
         envvar=cli.envvar,
         is_flag=cli.is_flag or None,
         default=default,
-        show_default=cli.default_text or True,
+        show_default=shown,
         show_envvar=cli.envvar is not None,
         metavar=cli.metavar,
         help=help_text,

@@ -10,6 +10,7 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from ncserve.cli import cli
+from ncserve.options import Duration, shown_duration
 from ncserve.v1 import ncserve_pb2 as pb
 from tests.service_support import make_dataset, register, run_step_sequentially
 
@@ -111,3 +112,10 @@ def test_every_serve_default_is_the_server_configs() -> None:
     assert checked >= 20
     shown = CliRunner().invoke(cli, ["serve", "--help"]).output
     assert "[default: 1000;" in shown and "[default: (1h)]" in shown
+    # Every duration with a default shows it in its largest unit, derived from the field.
+    flat = " ".join(shown.split())
+    durations = {str(p.name): p.default for p in serve.params if isinstance(p.type, Duration)}
+    assert {k for k, v in durations.items() if v is None} == {"retention_s"}
+    for name, default in durations.items():
+        if default is not None:
+            assert f"[default: ({shown_duration(default)})]" in flat, name

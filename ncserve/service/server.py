@@ -20,7 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from ncserve.options import Cli, Duration, shown_duration
+from ncserve.options import Cli, Duration
 from ncserve.service.aggregator import Aggregator
 from ncserve.service.auth import TokenAuthInterceptor
 from ncserve.service.exporter import DEFAULT_SERIES_GRACE_S, ServiceMetrics, start_exporter
@@ -101,11 +101,7 @@ class ServerConfig(BaseModel):
     )
     abandon_after_s: Annotated[
         float,
-        Cli(
-            ("--abandon-after",),
-            type=Duration(),
-            default_text=shown_duration(AggregatorLimits.abandon_after_s),
-        ),
+        Cli(("--abandon-after",), type=Duration()),
     ] = Field(
         AggregatorLimits.abandon_after_s,
         gt=0,
@@ -120,11 +116,7 @@ class ServerConfig(BaseModel):
     )
     series_grace_s: Annotated[
         float,
-        Cli(
-            ("--series-grace",),
-            type=Duration(),
-            default_text=shown_duration(DEFAULT_SERIES_GRACE_S),
-        ),
+        Cli(("--series-grace",), type=Duration()),
     ] = Field(
         DEFAULT_SERIES_GRACE_S,
         ge=0,
@@ -148,11 +140,7 @@ class ServerConfig(BaseModel):
     )
     stream_idle_timeout_s: Annotated[
         float,
-        Cli(
-            ("--stream-idle-timeout",),
-            type=Duration(),
-            default_text=shown_duration(StreamLimits.idle_timeout_s),
-        ),
+        Cli(("--stream-idle-timeout",), type=Duration()),
     ] = Field(
         StreamLimits.idle_timeout_s,
         gt=0,
@@ -162,11 +150,7 @@ class ServerConfig(BaseModel):
     )
     stream_lifetime_s: Annotated[
         float,
-        Cli(
-            ("--stream-lifetime",),
-            type=Duration(),
-            default_text=shown_duration(StreamLimits.lifetime_s),
-        ),
+        Cli(("--stream-lifetime",), type=Duration()),
     ] = Field(
         StreamLimits.lifetime_s,
         gt=0,
