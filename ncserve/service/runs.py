@@ -314,10 +314,14 @@ class RunRegistry:
         run = dataclasses.replace(
             run, state=RUN_RUNNING, state_reason="", ended_unix=None, last_activity_unix=now
         )
+        self._set_state_locked(run)
+        return run
+
+    def _set_state_locked(self, run: RunRecord) -> None:
+        """A run's new state, in the store and in memory; the exporter's view changed."""
         self._store.set_run_state(run)
         self._runs[run.run_id] = run
         self._version += 1
-        return run
 
     def _touch_locked(self, run: RunRecord, now: float) -> RunRecord:
         if run.state == RUN_ABANDONED:
@@ -361,9 +365,7 @@ class RunRegistry:
                 ended_unix=now,
                 last_activity_unix=max(now, run.last_activity_unix),
             )
-            self._store.set_run_state(run)
-            self._runs[run_id] = run
-            self._version += 1
+            self._set_state_locked(run)
         log.info("run %r %s%s", run_id, state, f": {reason}" if reason else "")
         return run
 
@@ -394,9 +396,7 @@ class RunRegistry:
                     state_reason=f"no shard, scalars or heartbeat for {limit:g}s",
                     ended_unix=now,
                 )
-                self._store.set_run_state(ended)
-                self._runs[run.run_id] = ended
-                self._version += 1
+                self._set_state_locked(ended)
                 abandoned.append(run.run_id)
             retention = self.limits.retention_s
             expired = (
