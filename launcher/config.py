@@ -24,6 +24,7 @@ from launcher.data.datasets import FILE_DATASETS, SYNTHETIC_DEFAULTS
 from launcher.models import MODEL_NAMES
 from launcher.optim import OPTIMIZER_NAMES, SCHEDULE_NAMES
 from ncserve.options import Cli
+from ncserve.protocol import RUN_ID_PATTERN, RUN_ID_RULE
 
 # Learning rate used when --lr is not given: the middle of the paper's grid for the
 # sign-based and Adam-family optimizers, and a value at which the default MLP on
@@ -403,9 +404,22 @@ class TrackingConfig(_Section):
     tensorboard: Annotated[Path | None, Cli(("--tensorboard",), type=_PATH)] = Field(
         None, description="Also write TensorBoard event files to this folder."
     )
+    sweep_id: Annotated[str | None, Cli(("--sweep-id",))] = Field(
+        None,
+        description="The sweep this run is a point of (nclaunch sweep sets it); sent to the "
+        "service as the run's `sweep` metadata, by which `ncserve report` groups the runs it "
+        "reads from a service or database.",
+    )
     csv: Annotated[Path | None, Cli(("--csv",), type=FILE_PATH)] = Field(
         None, description="Also append every measurement to this CSV file."
     )
+
+    @field_validator("sweep_id")
+    @classmethod
+    def _check_sweep_id(cls, value: str | None) -> str | None:
+        if value is not None and not RUN_ID_PATTERN.fullmatch(value):
+            raise ValueError(RUN_ID_RULE)
+        return value
 
     @field_validator("sidecar")
     @classmethod

@@ -350,6 +350,8 @@ class Trainer:
             "momentum": str(config.optim.momentum),
             "world_size": str(self.world_size),
         }
+        if tracking.sweep_id is not None:
+            metadata["sweep"] = tracking.sweep_id
         self.tracker = Tracker(
             self.engine.module,
             classifier=classifier_of(self.engine.module),
