@@ -294,98 +294,18 @@ with "ctx", "indexed" and "containerName".
 {{- define "ncserve.trainerPodSpec" -}}
 {{- $ctx := .ctx }}
 {{- $t := $ctx.Values.trainer }}
-serviceAccountName: {{ include "ncserve.serviceAccountName" $ctx }}
-automountServiceAccountToken: {{ $ctx.Values.serviceAccount.automountServiceAccountToken }}
-{{- with $ctx.Values.imagePullSecrets }}
-imagePullSecrets:
-  {{- toYaml . | nindent 2 }}
+{{- $runs := dict "emptyDir" dict }}
+{{- if $t.runDir.existingClaim }}
+{{- $runs = dict "persistentVolumeClaim" (dict "claimName" $t.runDir.existingClaim) }}
 {{- end }}
-{{- with $ctx.Values.podSecurityContext }}
-securityContext:
-  {{- toYaml . | nindent 2 }}
-{{- end }}
-{{- with $t.nodeSelector }}
-nodeSelector:
-  {{- toYaml . | nindent 2 }}
-{{- end }}
-{{- with $t.tolerations }}
-tolerations:
-  {{- toYaml . | nindent 2 }}
-{{- end }}
-{{- with $t.affinity }}
-affinity:
-  {{- toYaml . | nindent 2 }}
-{{- end }}
-{{- with $t.priorityClassName }}
-priorityClassName: {{ . }}
-{{- end }}
-containers:
-  - name: {{ .containerName }}
-    image: {{ include "ncserve.trainerImage" $ctx }}
-    imagePullPolicy: {{ $ctx.Values.trainer.image.pullPolicy }}
-    command:
-      {{- include "ncserve.trainerArgs" $ctx | trim | nindent 6 }}
-    env:
-      {{- include "ncserve.trainerEnv" (dict "ctx" $ctx "indexed" .indexed) | trim | nindent 6 }}
-    ports:
-      - name: rdzv
-        containerPort: {{ $t.rdzv.port }}
-        protocol: TCP
-    {{- with $ctx.Values.containerSecurityContext }}
-    securityContext:
-      {{- toYaml . | nindent 6 }}
-    {{- end }}
-    resources:
-      {{- $resources := deepCopy $t.resources }}
-      {{- if gt (int $t.gpusPerNode) 0 }}
-      {{- $limits := default dict $resources.limits }}
-      {{- $_ := set $limits "nvidia.com/gpu" (int $t.gpusPerNode) }}
-      {{- $_ := set $resources "limits" $limits }}
-      {{- $requests := default dict $resources.requests }}
-      {{- $_ := set $requests "nvidia.com/gpu" (int $t.gpusPerNode) }}
-      {{- $_ := set $resources "requests" $requests }}
-      {{- end }}
-      {{- toYaml $resources | nindent 6 }}
-    volumeMounts:
-      - name: dshm
-        mountPath: /dev/shm
-      - name: tmp
-        mountPath: /tmp
-      - name: runs
-        mountPath: {{ $t.runDir.mountPath }}
-      {{- if $t.data.existingClaim }}
-      - name: data
-        mountPath: {{ $t.data.mountPath }}
-        readOnly: true
-      {{- end }}
-      {{- with include "ncserve.secretMounts" $ctx | trim }}
-      {{- . | nindent 6 }}
-      {{- end }}
-volumes:
-  # NCCL and DataLoader workers exchange tensors through /dev/shm; the container
-  # runtime's default 64 MiB is far too small for multi-GPU training.
-  - name: dshm
-    emptyDir:
-      medium: Memory
-      {{- with $t.shmSize }}
-      sizeLimit: {{ . }}
-      {{- end }}
-  - name: tmp
-    emptyDir: {}
-  - name: runs
-    {{- if $t.runDir.existingClaim }}
-    persistentVolumeClaim:
-      claimName: {{ $t.runDir.existingClaim }}
-    {{- else }}
-    emptyDir: {}
-    {{- end }}
-  {{- if $t.data.existingClaim }}
-  - name: data
-    persistentVolumeClaim:
-      claimName: {{ $t.data.existingClaim }}
-      readOnly: true
-  {{- end }}
-  {{- with include "ncserve.secretVolumes" $ctx | trim }}
-  {{- . | nindent 2 }}
-  {{- end }}
+{{- include "ncserve.nclaunchPodSpec" (dict
+    "ctx" $ctx
+    "containerName" .containerName
+    "command" (include "ncserve.trainerArgs" $ctx)
+    "env" (include "ncserve.trainerEnv" (dict "ctx" $ctx "indexed" .indexed))
+    "rdzvPort" $t.rdzv.port
+    "gpus" $t.gpusPerNode
+    "resources" $t.resources
+    "runsMountPath" $t.runDir.mountPath
+    "runsVolume" $runs) }}
 {{- end }}
