@@ -254,3 +254,35 @@ def test_close_finishes_the_run_and_an_exception_fails_it(tmp_path):
         assert boom.state == "failed" and boom.state_reason == "RuntimeError: loss diverged"
     finally:
         server.stop(0.5)
+
+
+def test_two_pass_forwards_the_split_twice_in_chunks_and_equals_one_pass(tmp_path, monkeypatch):
+    """Two-pass mode keeps no features: each round forwards the split again, here one batch
+    per chunk, and the metrics equal the one-pass measurement's and the reference."""
+    import ncserve.track.rounds as rounds
+
+    monkeypatch.setattr(rounds, "TWO_PASS_CHUNK_BYTES", 1)
+    torch.manual_seed(3)
+    net = Net(p=8, k=4)
+    x, y = make_data(n=150, seed=11)
+    xh, yh = make_data(n=30, seed=12)
+    forwards = []
+    net.head.register_forward_pre_hook(lambda _m, inputs: forwards.append(inputs[0].shape[0]))
+    server = start_server(ServerConfig(listen="127.0.0.1:0", db_path=tmp_path / "db.sqlite"))
+    try:
+        results = {}
+        for two_pass in (False, True):
+            forwards.clear()
+            with Tracker(
+                net, target=server.address, run_id=f"tp{int(two_pass)}", two_pass=two_pass
+            ) as tracker:
+                results[two_pass] = tracker.measure(
+                    batches(x, y, 32), step=1, holdout_loader=batches(xh, yh, 16)
+                )
+            # One pass over each split, or two: class sums, then round 2 around the means.
+            assert sum(forwards) == (2 if two_pass else 1) * (150 + 30) - (30 if two_pass else 0)
+    finally:
+        server.stop(grace_s=1)
+    assert_same_metrics(results[True], reference(net, x, y))
+    for key in (*METRIC_KEYS, "holdout_nc4", "holdout_accuracy"):
+        assert results[True][key] == pytest.approx(results[False][key], rel=1e-10, abs=1e-14), key

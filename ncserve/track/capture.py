@@ -20,6 +20,12 @@ import torch.distributed as dist
 from torch import nn
 
 
+def _joined(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    if len(parts) == 1:
+        return parts[0]
+    return torch.cat([h for h, _ in parts]), torch.cat([y for _, y in parts])
+
+
 class TrackerError(ValueError):
     """A tracker that cannot work as configured (no classifier found, wrong feature shape)."""
 
@@ -139,16 +145,45 @@ class ModelCapture:
             )
         return w_KP, b_K
 
-    @torch.no_grad()
     def features(self, loader: Iterable[Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """(h_NP, y_N int64): the classifier's inputs over ``loader``, in eval mode, on the
         device (and in the dtype) the model made them."""
+        chunks = list(self.feature_chunks(loader, max_bytes=None))
+        if chunks:
+            return chunks[0]  # everything, in one chunk
+        device = self.classifier.weight.device
+        return (
+            torch.zeros((0, self.feature_dim), device=device),
+            torch.zeros(0, dtype=torch.int64, device=device),
+        )
+
+    def feature_chunks(
+        self, loader: Iterable[Any], max_bytes: int | None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The classifier's inputs over ``loader`` as (h, y) chunks of whole batches, each
+        held until it reaches ``max_bytes`` of features (None: one chunk of everything), so a
+        split larger than memory can be measured chunk by chunk."""
+        held: list[tuple[torch.Tensor, torch.Tensor]] = []
+        held_bytes = 0
+        for h, y in self._feature_batches(loader):
+            held.append((h, y))
+            held_bytes += h.numel() * h.element_size()
+            if max_bytes is not None and held_bytes >= max_bytes:
+                yield _joined(held)
+                held, held_bytes = [], 0
+        if held:
+            yield _joined(held)
+
+    @torch.no_grad()
+    def _feature_batches(
+        self, loader: Iterable[Any]
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(h_BP, y_B int64) per batch of ``loader``, in eval mode, where the model made them."""
         captured: list[torch.Tensor] = []
 
         def hook(_module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
             captured.append(inputs[0].detach())
 
-        labels: list[torch.Tensor] = []
         was_training = self.model.training
         lockstep = self._forward_is_collective()
         handle = self.classifier.register_forward_pre_hook(hook)
@@ -170,47 +205,41 @@ class ModelCapture:
                         break
                 elif batch is None:
                     break
-                before = len(captured)
+                captured.clear()
                 if batch is None:
                     # Sharded parameters are gathered with every rank in each forward, so a
                     # rank whose shard ran out repeats its last batch (output discarded)
                     # until every rank is done.
                     self._forward(last_inputs)
-                    del captured[before:]
                 else:
                     inputs, y = _split_batch(batch)
                     self._forward(inputs)
-                    if len(captured) != before + 1:
+                    if len(captured) != 1:
                         raise TrackerError(
-                            f"the classifier ran {len(captured) - before} times in one forward "
+                            f"the classifier ran {len(captured)} times in one forward "
                             "pass; pass classifier=<the final nn.Linear>"
                         )
-                    labels.append(torch.as_tensor(y).reshape(-1))
+                    yield self._checked_batch(captured[0], torch.as_tensor(y).reshape(-1))
                     last_inputs = inputs
                 batch = next(batches, None)
         finally:
             handle.remove()
             self.model.train(was_training)
-        if not captured:
-            device = self.classifier.weight.device
-            return (
-                torch.zeros((0, self.feature_dim), device=device),
-                torch.zeros(0, dtype=torch.int64, device=device),
-            )
-        h = torch.cat([c.reshape(c.shape[0], -1) if c.ndim > 2 else c for c in captured])
+
+    def _checked_batch(self, c: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = c.reshape(c.shape[0], -1) if c.ndim > 2 else c
         if h.shape[1] != self.feature_dim:
             raise TrackerError(
                 f"classifier inputs have {h.shape[1]} features per sample, expected "
                 f"{self.feature_dim}"
             )
-        y_all = torch.cat(labels)
-        if y_all.shape[0] != h.shape[0]:
+        if y.shape[0] != h.shape[0]:
             raise TrackerError(
-                f"got {y_all.shape[0]} labels for {h.shape[0]} feature rows "
+                f"got {y.shape[0]} labels for {h.shape[0]} feature rows "
                 "(one label per sample is needed)"
             )
         # The features stay where the model made them: on a GPU both rounds run there.
-        return h, y_all.to(device=h.device, dtype=torch.int64)
+        return h, y.to(device=h.device, dtype=torch.int64)
 
     def _forward(self, inputs: Any) -> None:
         if isinstance(inputs, Mapping):

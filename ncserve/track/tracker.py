@@ -11,6 +11,9 @@ service finalizes the metrics. Training never waits on the service for longer th
 themselves (all_gather of the round-1 statistics, merged in rank order), finish the
 measurement locally, and the client keeps both rounds buffered for replay, so the service
 ends up with every measurement.
+
+By default the ranks of a node first sum their statistics (nodes.py) and one rank per node
+talks to the service; the rounds themselves are in rounds.py, the model side in capture.py.
 """
 
 from __future__ import annotations
@@ -18,91 +21,39 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 import torch.distributed as dist
 from torch import nn
 
-from ncserve.client import DeliveryReport, NCClient, ServiceError, TLSConfig
+from ncserve.client import DeliveryReport, NCClient, TLSConfig
 from ncserve.metrics import (
     METRIC_KEYS,
-    ClassMeans,
     Round1Stats,
     Round2Stats,
     finalize,
     nc0_from_weight,
-    round1_stats,
-    round2_stats,
 )
 from ncserve.protocol import RUN_FAILED, RUN_FINISHED, RUN_ID_PATTERN, RUN_ID_RULE
-from ncserve.track.capture import ModelCapture, TrackerError, find_classifier, is_distributed
+from ncserve.track.capture import TrackerError, find_classifier, is_distributed
+from ncserve.track.nodes import NodeGroup
+from ncserve.track.rounds import (
+    HOLDOUT_KEYS,
+    Capture,
+    Finisher,
+    Outcome,
+    ServiceRounds,
+)
 from ncserve.track.sinks import CSVSink, TensorBoardSink, require_tensorboard
 
 log = logging.getLogger(__name__)
 
-# Keys of a measurement as the tracker returns it (the service's dict has more fields).
-RESULT_KEYS = (*METRIC_KEYS, "num_samples", "num_classes", "feature_dim")
-HOLDOUT_KEYS = ("holdout_nc4", "holdout_accuracy")
-_POLL_S = 0.005
 
-
-def _is_finalized(error: ServiceError) -> bool:
-    """The service refused a push because the step is already finalized (or taken)."""
-    return error.code.name == "ALREADY_EXISTS" or (
-        error.code.name == "FAILED_PRECONDITION" and "already finalized" in error.details
-    )
-
-
-_EngineArray = torch.Tensor | np.ndarray
-
-
-def _engine_input(h_NP: torch.Tensor, y_N: torch.Tensor) -> tuple[_EngineArray, _EngineArray]:
-    """Features for the metric engine: on a GPU the tensors themselves (both rounds run there,
-    ncserve.metrics.torch_stats); on the CPU numpy views of them (no copy for float32 or
-    float64) for the numpy engine, level with torch there (benchmarks/torch_engine.py) and
-    holding its BLAS threads."""
-    if h_NP.device.type != "cpu":
-        return h_NP, y_N
-    if h_NP.dtype not in (torch.float32, torch.float64):
-        h_NP = h_NP.float()
-    return h_NP.numpy(), y_N.numpy()
-
-
-@dataclass
-class _Capture:
-    """What a measurement takes from the model at its step (the only part that must run
-    in the training loop): features and labels, already in the metric engine's form
-    (``_engine_input``), and the classifier, plus the step's context."""
-
-    step: int
-    epoch: int | None
-    scalars: dict[str, float]
-    h_NP: _EngineArray
-    y_N: _EngineArray
-    holdout: tuple[_EngineArray, _EngineArray] | None
-    w_KP: np.ndarray
-    b_K: np.ndarray | None
-
-
-@dataclass
-class _Outcome:
-    """How this rank's two rounds with the service went (no collectives were involved)."""
-
-    r1: Round1Stats
-    stored: bool = False
-    means: ClassMeans | None = None
-    r2: Round2Stats | None = None
-    holdout: Round2Stats | None = None
-    metrics: dict[str, float] | None = None
-
-
-class Tracker(ModelCapture):
+class Tracker(ServiceRounds):
     """Measure NC0-NC4 of ``model`` through the ncserve service.
 
     Args:
@@ -130,6 +81,16 @@ class Tracker(ModelCapture):
             result comes from ``settle()`` (called by the next measurement and by close()).
         heartbeat_s: rank 0 tells the service the run is alive this often, so a run whose
             epochs are longer than the service's abandon timeout is not taken for abandoned.
+        shard_per_rank: every rank pushes its own shard. By default (False) the ranks of a
+            node sum their statistics in float64 with a collective on the training device
+            and the node's lowest rank pushes the node's shard: the service sees one shard
+            per node (world size = nodes), with the same metrics (ncserve.track.nodes).
+        node: what names this rank's node (default: torch elastic's ``GROUP_RANK``, else the
+            host name); ranks with the same ``node`` form one node.
+        two_pass: keep no features: each measurement forwards the split twice, chunk by
+            chunk (class sums, then round 2 around the global means), for splits too large
+            to hold, such as the token-level features of a language model. Measurements then
+            run in the foreground.
 
     Use it as a context manager, or call ``close()`` at the end of training.
     """
@@ -153,6 +114,9 @@ class Tracker(ModelCapture):
         tensorboard: str | Path | None = None,
         background: bool = False,
         heartbeat_s: float = 60.0,
+        shard_per_rank: bool = False,
+        node: str | None = None,
+        two_pass: bool = False,
     ) -> None:
         if isinstance(model, nn.parallel.DistributedDataParallel):
             # Its forward may broadcast buffers (a collective); measuring needs no gradients.
@@ -195,6 +159,18 @@ class Tracker(ModelCapture):
         if target is None:
             target = self._start_embedded_service(token)
         self.target = target
+        self.nodes: NodeGroup | None = None
+        if not shard_per_rank and is_distributed() and self.world_size > 1:
+            group = NodeGroup.create(self.rank, self.world_size, node)
+            if not group.layout.trivial:
+                self.nodes = group
+        # The shard this rank's pushes stand for, and whether it pushes at all.
+        self.shard_rank = self.nodes.index if self.nodes is not None else self.rank
+        self.shard_count = (
+            len(self.nodes.layout.nodes) if self.nodes is not None else self.world_size
+        )
+        self._pushes = self.nodes is None or self.nodes.is_leader
+        self.two_pass = bool(two_pass)
         self.client = NCClient(
             target,
             token=token,
@@ -204,7 +180,7 @@ class Tracker(ModelCapture):
             max_buffer_bytes=max_buffer_bytes,
         )
         self.client.register_run(
-            run_id, self.num_classes, self.feature_dim, self.world_size, dict(metadata or {})
+            run_id, self.num_classes, self.feature_dim, self.shard_count, dict(metadata or {})
         )
         self.local_fallbacks = 0
         self.background = bool(background)
@@ -215,7 +191,10 @@ class Tracker(ModelCapture):
                 target=self._heartbeat_loop, name="ncserve-heartbeat", daemon=True
             ).start()
         self._worker: ThreadPoolExecutor | None = None
-        self._pending: tuple[_Capture, Future[_Outcome]] | None = None
+        # A measurement in the background: its capture, the rounds running in the worker,
+        # and what the training thread does with their outcome at settle (the node's
+        # round 2, whose sums are collectives) or None.
+        self._pending: tuple[Capture, Future[Outcome], Finisher | None] | None = None
         self._concluded: list[tuple[int, dict[str, float]]] = []
 
     # -- the embedded service ---------------------------------------------------------------
@@ -264,13 +243,33 @@ class Tracker(ModelCapture):
         settled first (every rank must use the same mode in the same order).
         """
         self._settle_pending()
+        if self.two_pass:
+            return self._measure_two_pass(loader, step, epoch, holdout_loader, scalars)
         capture = self._capture(loader, step, epoch, holdout_loader, scalars)
-        if self.background if background is None else background:
-            if self._worker is None:
-                self._worker = ThreadPoolExecutor(1, thread_name_prefix="ncserve-track")
-            self._pending = (capture, self._worker.submit(self._service_rounds, capture))
+        in_background = self.background if background is None else background
+        if self.nodes is None:
+            if not in_background:
+                return self._conclude(capture, self._service_rounds(capture))
+            self._pending = (capture, self._submit(self._service_rounds, capture), None)
             return None
-        return self._conclude(capture, self._service_rounds(capture))
+        # One shard per node: the node's sums are collectives, so they run here, in the
+        # training thread; the leader's wait for the service's means runs in the background.
+        out = self._node_round1(capture)
+        if not in_background:
+            return self._conclude(
+                capture, self._node_round2(capture, self._node_exchange(capture, out))
+            )
+        self._pending = (
+            capture,
+            self._submit(self._node_exchange, capture, out),
+            self._node_round2,
+        )
+        return None
+
+    def _submit(self, work: Callable[..., Outcome], *args: Any) -> Future[Outcome]:
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(1, thread_name_prefix="ncserve-track")
+        return self._worker.submit(work, *args)
 
     def settle(self) -> list[tuple[int, dict[str, float]]]:
         """Finish a measurement running in the background (a collective: call on every rank).
@@ -287,78 +286,43 @@ class Tracker(ModelCapture):
     def _settle_pending(self) -> None:
         if self._pending is None:
             return
-        capture, future = self._pending
+        capture, future, finish = self._pending
         self._pending = None
-        metrics = self._conclude(capture, future.result())
+        out = future.result()
+        if finish is not None:
+            out = finish(capture, out)
+        metrics = self._conclude(capture, out)
         if metrics is not None:
             self._concluded.append((capture.step, metrics))
 
-    def _capture(
+    def _measure_two_pass(
         self,
         loader: Iterable[Any],
         step: int,
         epoch: int | None,
         holdout_loader: Iterable[Any] | None,
         scalars: Mapping[str, float] | None,
-    ) -> _Capture:
-        h_NP, y_N = _engine_input(*self.features(loader))
-        holdout = None
-        if holdout_loader is not None:
-            holdout = _engine_input(*self.features(holdout_loader))
+    ) -> dict[str, float] | None:
+        """A measurement that keeps no features: pass 1 over ``loader`` for the class sums,
+        pass 2 (and the held-out split) around the global means. The ranks agree on the
+        means before pass 2, since a forward may be a collective (FSDP, ZeRO-3)."""
         w_KP, b_K = self.classifier_arrays()
-        return _Capture(step, epoch, dict(scalars or {}), h_NP, y_N, holdout, w_KP, b_K)
+        c = Capture(step, epoch, dict(scalars or {}), None, None, w_KP, b_K, loader, holdout_loader)
+        out = self._node_round1(c) if self.nodes is not None else Outcome(self._local_round1(c))
+        self._exchange_round1(c, out)
+        if self.nodes is not None:
+            out.stored, out.means = self.nodes.from_leader((out.stored, out.means))
+        not_stored, have_means = self._all_true_many(not out.stored, out.means is not None)
+        if not_stored and not have_means:
+            out.means = None  # every rank's pass 2 runs in the fallback, around merged means
+        elif not_stored:
+            assert out.means is not None
+            self._round2(c, out, out.means)
+            if self.rank == 0:
+                out.metrics = self._await_service_metrics(c.step)
+        return self._conclude(c, out)
 
-    def _service_rounds(self, c: _Capture) -> _Outcome:
-        """Both rounds with the service for this rank, without any collective (so it can run
-        in a background thread); the outcome says how far it got."""
-        out = _Outcome(round1_stats(c.h_NP, c.y_N, self.num_classes))
-        try:
-            self.client.push_round1(
-                self.run_id,
-                c.step,
-                self.rank,
-                out.r1,
-                weight_KP=c.w_KP if self.rank == 0 else None,
-                bias_K=c.b_K if self.rank == 0 else None,
-                epoch=c.epoch,
-            )
-            # The service holds the answer until every rank's round 1 is in, so no barrier
-            # is needed; waiting for slower ranks is bounded by the deadline like any call.
-            out.means = self.client.fetch_class_means(
-                self.run_id, c.step, timeout_s=self.deadline_s, rank=self.rank
-            )
-        except ServiceError as error:
-            # A run resumed after a crash between the service's finalize and its own record
-            # of the step: the service keeps the measurement it has; it is not taken twice.
-            if not _is_finalized(error):
-                raise
-            out.stored = True
-            return out
-        if out.means is None:
-            return out
-        self._round2(c, out, out.means)
-        if self.rank == 0:
-            out.metrics = self._await_service_metrics(c.step)
-        return out
-
-    def _round2(self, c: _Capture, out: _Outcome, means: ClassMeans) -> None:
-        """Round-2 statistics with ``means`` (and the held-out split's), pushed."""
-        out.r2 = round2_stats(c.h_NP, c.y_N, means, c.w_KP, c.b_K)
-        if c.holdout is not None:
-            out.holdout = round2_stats(*c.holdout, means, c.w_KP, c.b_K)
-        self.client.push_round2(
-            self.run_id,
-            c.step,
-            self.rank,
-            out.r2,
-            holdout=out.holdout,
-            scalars=c.scalars if self.rank == 0 else None,
-            epoch=c.epoch,
-            num_classes=self.num_classes,
-            feature_dim=self.feature_dim,
-        )
-
-    def _conclude(self, c: _Capture, out: _Outcome) -> dict[str, float] | None:
+    def _conclude(self, c: Capture, out: Outcome) -> dict[str, float] | None:
         """Agree across ranks on how the rounds went and finish the measurement (rank 0
         returns the metrics): the service's, the stored ones of a step measured before a
         restart, or, when the service did not answer in time, computed among the ranks."""
@@ -416,26 +380,6 @@ class Tracker(ModelCapture):
             )
         log.info("step %d was already measured; using the stored measurement", step)
         return metrics
-
-    def _await_service_metrics(self, step: int) -> dict[str, float] | None:
-        deadline = time.monotonic() + self.deadline_s
-        while True:
-            try:
-                found = self.client.get_metrics(self.run_id, step=step, include_incomplete=True)
-                row = found if isinstance(found, dict) else None
-            except ServiceError as error:
-                if error.code.name not in ("NOT_FOUND", "UNAVAILABLE", "DEADLINE_EXCEEDED"):
-                    raise
-                row = None
-            if row is not None:
-                if row.get("status") != "complete":
-                    log.warning("step %d marked incomplete by the service: %s", step, row)
-                    return None
-                keys = (*RESULT_KEYS, *HOLDOUT_KEYS)
-                return {k: row[k] for k in keys if k in row and row[k] is not None}
-            if time.monotonic() >= deadline:
-                return None
-            time.sleep(_POLL_S)
 
     def _finalize_locally(
         self,
