@@ -273,8 +273,13 @@ def test_two_pass_forwards_the_split_twice_in_chunks_and_equals_one_pass(tmp_pat
         results = {}
         for two_pass in (False, True):
             forwards.clear()
+            run_id = f"tp{int(two_pass)}"
             with Tracker(
-                net, target=server.address, run_id=f"tp{int(two_pass)}", two_pass=two_pass
+                net,
+                target=server.address,
+                run_id=run_id,
+                run_dir=tmp_path / run_id,
+                two_pass=two_pass,
             ) as tracker:
                 results[two_pass] = tracker.measure(
                     batches(x, y, 32), step=1, holdout_loader=batches(xh, yh, 16)
