@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from launcher.config import FILE_PATH, RunConfig
 from launcher.options import FLAG_BY_PATH, FLAGS, add_flags, preflight
 from launcher.resolve import describe_validation_error, load_yaml, merge, resolve, to_yaml
-from launcher.sweep import sweep_command
+from launcher.sweep.command import sweep_command
 from ncserve.errors import UserError
 
 
