@@ -24,6 +24,7 @@ from PIL import Image
 
 from ncserve.metrics import METRIC_KEYS
 from ncserve.report.runs import NC0Prediction, RunRecord
+from ncserve.report.settings import REPORT_SETTINGS
 from ncserve.report.tables import (
     TABLE_METRICS,
     FinalRow,
@@ -134,16 +135,8 @@ def label_colors(labels: Sequence[str]) -> dict[str, Color]:
 
 
 # Settings a sweep may vary besides the optimizer, and their short names in a legend.
-VARIED_SETTINGS: tuple[tuple[str, str], ...] = (
-    ("optim.lr", "lr"),
-    ("optim.momentum", "momentum"),
-    ("optim.weight_decay", "wd"),
-    ("optim.beta2", "beta2"),
-    ("optim.lr_schedule", "schedule"),
-    ("model.name", "model"),
-    ("data.dataset", "data"),
-    ("train.batch_size", "batch"),
-    ("train.seed", "seed"),
+VARIED_SETTINGS: tuple[tuple[str, str], ...] = tuple(
+    (s.path, s.legend) for s in REPORT_SETTINGS if s.legend is not None
 )
 
 

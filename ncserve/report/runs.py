@@ -2,7 +2,8 @@
 
 A run directory is what nclaunch leaves: ``metrics.jsonl`` (one JSON object per
 measurement) and ``config.yaml`` (the resolved settings). A sweep directory holds run
-directories. The report reads these files only; it needs neither torch nor the launcher.
+directories. The report reads these files (or the service: ``ncserve.report.service``);
+it needs neither torch nor the launcher.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 import yaml
 
 from ncserve import theory
+from ncserve.report.settings import lookup
 
 # A sweep directory holds runs one level down; accept one more (a folder of sweeps).
 _SEARCH_DEPTH = 3
@@ -28,20 +30,17 @@ class RunInputError(ValueError):
 
 @dataclass
 class RunRecord:
-    """One run: its name, folder, settings (config.yaml as a dict) and measurement rows."""
+    """One run: its name, folder (None for a run read from the service), settings
+    (config.yaml as a dict) and measurement rows."""
 
     name: str
-    path: Path
+    path: Path | None
     config: dict[str, Any]
     rows: list[dict[str, Any]] = field(default_factory=list)
 
     def setting(self, dotted: str, default: Any = None) -> Any:
-        value: Any = self.config
-        for part in dotted.split("."):
-            if not isinstance(value, dict) or part not in value:
-                return default
-            value = value[part]
-        return value
+        """A setting by dotted path (one of ncserve.report.settings.REPORT_SETTINGS)."""
+        return lookup(self.config, dotted, default)
 
     @property
     def optimizer(self) -> str:
@@ -245,5 +244,5 @@ def _disambiguate(records: list[RunRecord]) -> None:
     for record in records:
         counts[record.name] = counts.get(record.name, 0) + 1
     for record in records:
-        if counts[record.name] > 1:
+        if counts[record.name] > 1 and record.path is not None:
             record.name = f"{record.path.parent.name}/{record.name}"
