@@ -8,7 +8,8 @@ group, builds data, model, engine (DDP or DeepSpeed) and tracker, resumes from
 the run directory's last checkpoint when asked to or when the agent restarted
 the workers, and trains. Measurements (every ``measure_every`` epochs, at step 0
 and at the last step) go through ``ncserve.track.Tracker``; every logged step
-records nc0, which needs only W.
+records nc0, which needs only W. The measuring side (tracker, sinks, rows, the run's
+metadata at the service) is in launcher/tracking.py.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,12 +39,8 @@ from launcher.engines import Engine, build_engine, classifier_of, deepspeed_acce
 from launcher.models import build_model
 from launcher.report import TrainingProgress
 from launcher.rundir import RunDir
-from ncserve.metrics import METRIC_KEYS, nc0_from_weight
+from launcher.tracking import Tracking
 from ncserve.protocol import RUN_FAILED
-from ncserve.track.sinks import CSVSink, TensorBoardSink
-
-if TYPE_CHECKING:
-    from ncserve.track import Tracker
 
 # Fault injection for the restart tests: "RANK:STEP" makes that rank SIGKILL itself
 # right after that optimizer step, on the first attempt only (elastic restarts skip it).
@@ -143,7 +140,10 @@ def load_splits(config: RunConfig) -> DatasetSplits:
     )
 
 
-class Trainer:
+class Trainer(Tracking):
+    """One worker's run: set-up, resume, the training loop, checkpoints and shutdown; the
+    measurements are launcher.tracking.Tracking's."""
+
     def __init__(self, config: RunConfig, runtime: Runtime | None = None) -> None:
         assert config.run_dir is not None and config.optim.lr is not None, "resolve() first"
         self.config = config
@@ -159,14 +159,13 @@ class Trainer:
         )
         self.step = 0
         self.epoch = 0
-        self.measured_steps: set[int] = set()
-        self.latest_metrics: dict[str, Any] = {}
-        # Rows of measurements still running in the tracker's background thread, by step.
-        self._unsettled: dict[int, dict[str, Any]] = {}
-        self.tracker: Tracker | None = None
-        self.csv: CSVSink | None = None
-        self.tensorboard: TensorBoardSink | None = None
-        self.progress: TrainingProgress | None = None
+        self.measured_steps = set()
+        self.latest_metrics = {}
+        self._unsettled = {}
+        self.tracker = None
+        self.csv = None
+        self.tensorboard = None
+        self.progress = None
         self._fault = self._parse_fault()
 
     # -- set-up ------------------------------------------------------------------------------
@@ -326,46 +325,7 @@ class Trainer:
             len(split),
             len(mine),
         )
-        self._build_tracking()
-
-    def _build_tracking(self) -> None:
-        config, tracking = self.config, self.config.tracking
-        if self.rank == 0:
-            if tracking.csv is not None:
-                self.csv = CSVSink(tracking.csv)
-            if tracking.tensorboard is not None:
-                self.tensorboard = TensorBoardSink(tracking.tensorboard)
-        if not tracking.enabled:
-            return
-        from ncserve.track import Tracker
-
-        token, tls = tracking.credentials()
-        metadata = {
-            "optimizer": config.optim.name,
-            "model": config.model.name,
-            "dataset": config.data.dataset,
-            "engine": config.engine.name,
-            "lr": str(config.optim.lr),
-            "weight_decay": str(config.optim.weight_decay),
-            "momentum": str(config.optim.momentum),
-            "world_size": str(self.world_size),
-        }
-        if tracking.sweep_id is not None:
-            metadata["sweep"] = tracking.sweep_id
-        self.tracker = Tracker(
-            self.engine.module,
-            classifier=classifier_of(self.engine.module),
-            num_classes=self.num_classes,
-            target=self.runtime.service_target or tracking.sidecar,
-            run_id=config.run_id,
-            metadata=metadata,
-            run_dir=self.run_dir.root,
-            token=token,
-            tls=tls,
-            deadline_s=tracking.deadline_s,
-            max_buffer_bytes=int(tracking.buffer_mb * (1 << 20)),
-            background=tracking.background,
-        )
+        self.build_tracking()
 
     def maybe_resume(self) -> None:
         """Continue from the last checkpoint on ``--resume`` and after an elastic restart."""
@@ -471,156 +431,7 @@ class Trainer:
         log.info("finished: %d steps, %d epochs", self.step, self.epoch)
         return self.latest_metrics if self.rank == 0 else None
 
-    def log_step(self, running_loss: float, running_acc: float) -> None:
-        """A logged step: nc0 from W (gathered first under ZeRO-3), recorded by rank 0."""
-        lr = self.engine.current_lr()
-        if self.tracker is not None:
-            nc0, nc0_normalized = self.tracker.record_nc0(
-                self.step,
-                scalars={"train_loss": running_loss, "train_acc": running_acc, "lr": lr},
-                epoch=self.epoch,
-            )
-        else:
-            nc0, nc0_normalized = self.classifier_nc0()
-        values = {"nc0": nc0, "nc0_normalized": nc0_normalized, "lr": lr}
-        values |= {"train_loss": running_loss, "train_acc": running_acc}
-        if self.rank == 0:
-            log.info(
-                "step %d epoch %d loss %.4f acc %.4f nc0 %.6g lr %.3g",
-                self.step,
-                self.epoch + 1,
-                running_loss,
-                running_acc,
-                nc0,
-                lr,
-            )
-            if self.tensorboard is not None:
-                self.tensorboard.write_step(self.step, values)
-            if self.progress is not None:
-                self.progress.set_running(running_loss, running_acc, nc0)
-
-    def classifier_nc0(self) -> tuple[float, float]:
-        """(nc0, nc0_normalized) of the classifier weight; collective under ZeRO-3."""
-        with self.engine.gathered_classifier() as classifier:
-            w_KP = classifier.weight.detach().to(torch.float64).cpu().numpy()
-        nc0, nc0_normalized = nc0_from_weight(w_KP)
-        return float(nc0), float(nc0_normalized)
-
-    def measure(
-        self,
-        step: int,
-        epoch: int,
-        train_scalars: dict[str, float] | None,
-        epoch_time_s: float | None = None,
-    ) -> dict[str, Any] | None:
-        """All NC metrics on the measurement split, on every rank; rank 0 stores the row."""
-        if step in self.measured_steps:
-            # Stored before a restart: measuring again could store different values.
-            log.info("step %d already measured; not measuring it again", step)
-            return None
-        scalars = {"lr": self.engine.current_lr(), **(train_scalars or {})}
-        module = self.engine.module
-        started = time.perf_counter()
-        self.settle_measurements()
-        if self.config.train.keep_measured_weights:
-            self.keep_measured_weights(step, epoch)
-        module.eval()
-        try:
-            if self.tracker is not None:
-                metrics = self.tracker.measure(
-                    self.measure_batches,
-                    step=step,
-                    epoch=epoch,
-                    holdout_loader=self.holdout_batches,
-                    scalars=scalars,
-                )
-            else:
-                nc0, nc0_normalized = self.classifier_nc0()
-                metrics = {"nc0": nc0, "nc0_normalized": nc0_normalized}
-        finally:
-            module.train()
-        self.measured_steps.add(step)
-        # Rank 0's seconds in the last epoch's training steps and the seconds this held the
-        # training loop (with a background measurement: its forward pass).
-        pending: dict[str, Any] = {
-            "step": step,
-            "epoch": epoch,
-            "scalars": scalars,
-            "epoch_time_s": epoch_time_s,
-            "measure_time_s": time.perf_counter() - started,
-        }
-        if self.tracker is not None and self.tracker.background:
-            self._unsettled[step] = pending
-            if self.progress is not None and train_scalars:
-                self.progress.epoch_done(epoch, train_scalars, {})  # the metrics follow
-            return None
-        return self._record_measurement(pending, metrics, late=False)
-
-    def settle_measurements(self) -> None:
-        """Record every measurement the tracker finished in the background (a collective)."""
-        if self.tracker is None:
-            return
-        for step, metrics in self.tracker.settle():
-            self._record_measurement(self._unsettled.pop(step), metrics, late=True)
-        self._unsettled.clear()  # ranks other than 0 get no metrics
-
-    def _record_measurement(
-        self, pending: dict[str, Any], metrics: dict[str, Any] | None, late: bool
-    ) -> dict[str, Any] | None:
-        """Rank 0 stores the row of a measurement: metrics.jsonl, sinks, progress, log."""
-        if self.rank != 0:
-            return None
-        step, epoch, scalars = pending["step"], pending["epoch"], pending["scalars"]
-        row: dict[str, Any] = {
-            "run_id": self.config.run_id,
-            "step": step,
-            "epoch": epoch,
-            "lr": scalars["lr"],
-            "world_size": self.world_size,
-            "train_loss": scalars.get("train_loss"),
-            "train_acc": scalars.get("train_acc"),
-        }
-        metrics = dict(metrics or {})
-        holdout = metrics.pop("holdout_accuracy", None)
-        if holdout is not None:
-            row["holdout_acc"] = holdout
-        row["wall_time"] = time.time()
-        if pending["epoch_time_s"] is not None:
-            row["epoch_time_s"] = pending["epoch_time_s"]
-        row["measure_time_s"] = pending["measure_time_s"]
-        row |= {k: v for k, v in metrics.items() if k not in row}
-        self.run_dir.append_metrics(row)
-        if self.csv is not None:
-            self.csv.write(row)
-        if self.tensorboard is not None:
-            self.tensorboard.write_measurement(row, (*METRIC_KEYS, "holdout_nc4"))
-        self.latest_metrics = row
-        if self.progress is not None:
-            # A measurement settled late shows its metrics, not its (older) training loss.
-            train = {} if late else {k: v for k, v in scalars.items() if k != "lr"}
-            self.progress.epoch_done(epoch, train, row)
-        log.info(
-            "measured step %d epoch %d: %s",
-            step,
-            epoch,
-            ", ".join(f"{k}={row[k]:.6g}" for k in ("nc0", "nc1", "nc2", "nc3") if k in row),
-        )
-        return row
-
     # -- checkpoints -------------------------------------------------------------------------
-
-    def keep_measured_weights(self, step: int, epoch: int) -> None:
-        """The model's weights at a measured step, for export-features (a collective under
-        ZeRO-3, which gathers them; rank 0 writes)."""
-        model_state = self.engine.full_model_state()
-        if self.rank != 0 or model_state is None:
-            return
-        path = self.run_dir.weights_path(step)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(".partial")
-        state = {"model": model_state, "step": step, "epoch": epoch, "world_size": self.world_size}
-        torch.save(state, partial)
-        partial.replace(path)
 
     def state_dict(self) -> dict[str, Any]:
         """Trainer state besides the engine's files: weights, position, RNG, measured steps."""
