@@ -260,3 +260,175 @@ def test_rows_without_an_epoch_still_draw(tmp_path: Path) -> None:
     (run_dir / "metrics.jsonl").write_text(json.dumps(row) + "\n")
     result = CliRunner().invoke(cli, ["report", str(run_dir), "--out", str(tmp_path / "r.png")])
     assert result.exit_code == 0, result.output
+
+
+# -- reports from the service alone ------------------------------------------------------
+
+SWEEP_RUNS = {  # run id -> (sweep id, nclaunch options)
+    "sgd-m09": ("grid", "--optimizer sgd --momentum 0.9 --weight-decay 0.001"),
+    "adamw-a": ("grid", "--optimizer adamw --lr 0.002"),
+    "sgd-other": ("elsewhere", "--optimizer sgd"),
+}
+
+
+@pytest.fixture(scope="module")
+def service_sweep(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """Three nclaunch runs reporting to one external service: two of sweep "grid", one of
+    sweep "elsewhere". Yields (folder of the run directories, service target, database)."""
+    from tests.launcher_support import TINY
+    from tests.reliability_support import Sidecar, start_nclaunch
+
+    root = tmp_path_factory.mktemp("service-sweep")
+    db = root / "ncserve.db"
+    with Sidecar(db, root / "serve.log") as sidecar:
+        launched = {
+            run_id: start_nclaunch(
+                root / f"{run_id}.log",
+                *TINY,
+                *f"--epochs 2 --sidecar {sidecar.target} --sweep-id {sweep} --run-id {run_id}"
+                f" --run-dir {root / 'runs' / run_id} {options}".split(),
+            )
+            for run_id, (sweep, options) in SWEEP_RUNS.items()
+        }
+        for run_id, process in launched.items():
+            code = process.wait(timeout=400)
+            assert code == 0, (root / f"{run_id}.log").read_text()
+        yield root / "runs", sidecar.target, db
+
+
+def _same(a: Any, b: Any) -> bool:
+    return a == b or (isinstance(a, float) and isinstance(b, float) and np.isnan(a) and np.isnan(b))
+
+
+def _check_service_records(records: list[Any], runs_dir: Path) -> None:
+    """The sweep's two runs, with the rows of their metrics.jsonl and their config's settings."""
+    from ncserve.metrics import METRIC_KEYS
+    from ncserve.report import load_run
+    from ncserve.report.settings import REPORT_SETTINGS
+
+    assert sorted(r.name for r in records) == ["adamw-a", "sgd-m09"]
+    for record in records:
+        local = load_run(runs_dir / record.name)
+        assert [row["step"] for row in record.rows] == [row["step"] for row in local.rows]
+        for got, want in zip(record.rows, local.rows, strict=True):
+            # Timings of the trainer's own are not sent; wall_time is the service's.
+            assert set(got) == set(want) - {"epoch_time_s", "measure_time_s"}
+            for key in (*METRIC_KEYS, "epoch", "lr", "train_loss", "train_acc", "world_size"):
+                assert _same(got[key], want[key]), (record.name, got["step"], key)
+        for setting in REPORT_SETTINGS:
+            assert record.setting(setting.path) == local.setting(setting.path), setting.path
+    local_rows = final_rows(load_runs([runs_dir / r.name for r in records]))
+    assert final_rows(records) == local_rows  # the same table, theory column included
+
+
+@pytest.mark.slow
+def test_report_from_the_service_reads_one_sweep(service_sweep: Any, tmp_path: Path) -> None:
+    from ncserve.client import NCClient
+    from ncserve.report import load_service_runs
+
+    runs_dir, target, _ = service_sweep
+    client = NCClient(target, replay_in_background=False)
+    try:
+        records = load_service_runs(client, target, sweep="grid")
+    finally:
+        client.close(timeout_s=0)
+    _check_service_records(records, runs_dir)
+
+    out = tmp_path / "grid.html"
+    args = ["report", "--target", target, "--sweep", "grid", "--out", str(out)]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert "2 run(s)" in result.output
+    text = out.read_text()
+    assert "<td>sgd-m09</td>" in text and "<td>adamw-a</td>" in text
+    assert "sgd-other" not in text
+
+    everything = CliRunner().invoke(cli, ["report", "--target", target, "--out", str(out)])
+    assert everything.exit_code == 0 and "3 run(s)" in everything.output, everything.output
+
+
+@pytest.mark.slow
+def test_report_from_the_database_file_reads_one_sweep(service_sweep: Any, tmp_path: Path) -> None:
+    from ncserve.cli.store_reader import StoreReader
+    from ncserve.report import load_service_runs
+
+    runs_dir, _, db = service_sweep
+    reader = StoreReader(db)
+    try:
+        records = load_service_runs(reader, str(db), sweep="grid")
+    finally:
+        reader.close()
+    _check_service_records(records, runs_dir)
+
+    out = tmp_path / "grid.png"
+    result = CliRunner().invoke(
+        cli, ["report", "--db", str(db), "--sweep", "grid", "--out", str(out)]
+    )
+    assert result.exit_code == 0 and "2 run(s)" in result.output, result.output
+    with Image.open(out) as image:
+        assert image.format == "PNG"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source", ["--target", "--db"])
+def test_an_unknown_sweep_is_named_with_the_known_ones(
+    service_sweep: Any, tmp_path: Path, source: str
+) -> None:
+    _, target, db = service_sweep
+    where = target if source == "--target" else str(db)
+    args = ["report", source, where, "--sweep", "nope", "--out", str(tmp_path / "r.html")]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2
+    assert "--sweep 'nope'" in result.output and "known sweeps: elsewhere, grid" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "r.html").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["RUN", "--target", "127.0.0.1:1"], "not both"),
+        (["RUN", "--db", "x.db"], "not both"),
+        (["--target", "127.0.0.1:1", "--db", "x.db"], "either --target"),
+        (["RUN", "--sweep", "grid"], "--sweep picks runs at --target or in --db"),
+        (["--db", "DB"], "holds no runs"),
+        (["--target", "127.0.0.1:1", "--deadline", "0.5"], "ncserve runs --db FILE"),
+    ],
+)
+def test_report_source_errors(tmp_path: Path, args: list[str], message: str) -> None:
+    from ncserve.service.store import Store
+
+    run_dir = make_run(tmp_path, "run", "sgd", 0.9, 0.05)
+    Store(tmp_path / "empty.db").close()
+    words = [str(run_dir) if a == "RUN" else str(tmp_path / "empty.db") if a == "DB" else a
+             for a in args]  # fmt: skip
+    result = CliRunner().invoke(cli, ["report", *words, "--out", str(tmp_path / "r.html")])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+
+
+def test_settings_travel_as_metadata_and_back() -> None:
+    """Each setting the report reads is listed once in REPORT_SETTINGS, and survives the trip
+    through string metadata with its type."""
+    import re
+
+    from ncserve.report.settings import (
+        REPORT_SETTING_PATHS,
+        config_from_metadata,
+        settings_metadata,
+    )
+
+    package = Path(__file__).resolve().parents[1] / "ncserve" / "report"
+    source = "\n".join(p.read_text() for p in package.glob("*.py"))
+    read = set(re.findall(r"""setting\(\s*["']([\w.]+)["']""", source))
+    assert read and read <= REPORT_SETTING_PATHS
+    config = {
+        "optim": {"name": "adam", "lr": 1e-3, "momentum": 0.9, "weight_decay": 5e-4,
+                  "beta2": 0.999, "coupled_fraction": None, "lr_schedule": "cosine"},
+        "model": {"name": "resnet18"}, "data": {"dataset": "cifar10"},
+        "train": {"epochs": 200, "batch_size": 128, "seed": 3},
+    }  # fmt: skip
+    metadata = settings_metadata(config)
+    assert metadata["optim.lr"] == "0.001" and "optim.coupled_fraction" not in metadata
+    rebuilt = config_from_metadata({**metadata, "optimizer": "adam", "train.seed": "x"})
+    del config["optim"]["coupled_fraction"], config["train"]["seed"]  # None; unparsable
+    assert rebuilt == config
