@@ -142,6 +142,7 @@ def test_run_states_and_resume_command(tmp_path: Path) -> None:
     [
         ({"axes": {"learning-rate": [0.1]}}, "unknown setting 'learning-rate'"),
         ({"axes": {"run-dir": ["x"]}}, "'run-dir' cannot be set in a sweep"),
+        ({"base": {"sweep-id": "x"}}, "'sweep-id' cannot be set in a sweep"),
         ({"axes": {"lr": []}}, "the list of values is empty"),
         ({"axes": {"lr": [0.1]}, "groups": [{"lr": [0.2]}]}, "already in axes"),
         ({"axis": {"lr": [0.1]}}, "unknown key(s) axis"),
@@ -202,6 +203,22 @@ def test_sweep_runs_every_combination_against_one_service(
         store.close()
     plan = yaml.safe_load((out / "sweep.yaml").read_text())
     assert [r["name"] for r in plan["runs"]] == NAMES
+
+
+@pytest.mark.slow
+def test_list_names_the_runs_of_the_local_backend(
+    finished_sweep: tuple[Path, Path, str],
+) -> None:
+    grid, out, _ = finished_sweep
+    result = CliRunner().invoke(main_group, ["sweep", str(grid), "--list", "--format", "json"])
+    assert result.exit_code == 0, result.output
+    points = json.loads(result.output)
+    assert [(p["index"], p["name"]) for p in points] == list(enumerate(NAMES))
+    planned = yaml.safe_load((out / "sweep.yaml").read_text())
+    assert [(r["index"], r["name"]) for r in planned["runs"]] == list(enumerate(NAMES))
+    for name in NAMES:  # each run got the sweep id, the --out folder's name
+        saved = yaml.safe_load((out / name / "config.yaml").read_text())
+        assert saved["tracking"]["sweep_id"] == out.name
 
 
 @pytest.mark.slow

@@ -4,14 +4,13 @@
 
 from __future__ import annotations
 
-import signal
 import time
 
 from rich.console import Console
 
 from launcher.launch import EmbeddedService, LaunchError
 from launcher.sweep.grid import PlannedRun, SweepPlan
-from launcher.sweep.process import LOG_FILE, ActiveRun, start_run, stop_runs
+from launcher.sweep.process import LOG_FILE, ActiveRun, sigterm_as_interrupt, start_run, stop_runs
 from launcher.sweep.progress import SweepProgress
 from launcher.sweep.state import FailedRun, SweepOutcome, survey, write_plan
 from ncserve.errors import UserError
@@ -56,14 +55,11 @@ def run_sweep(
         service, target = _start_service(plan, console)
     free_gpus = list(gpus or [])
     active: list[ActiveRun] = []
-    previous = signal.getsignal(signal.SIGTERM)
-
-    def _terminate(_signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, _terminate)
     try:
-        with SweepProgress(plan, console, len(plan.runs), len(outcome.done)) as progress:
+        with (
+            sigterm_as_interrupt(),
+            SweepProgress(plan, console, len(plan.runs), len(outcome.done)) as progress,
+        ):
             pending: list[tuple[PlannedRun, bool]] = list(todo)
             while pending or active:
                 while pending and len(active) < parallel:
@@ -92,7 +88,6 @@ def run_sweep(
         stop_runs(active)
         raise
     finally:
-        signal.signal(signal.SIGTERM, previous)
         if service is not None:
             service.stop()
     return outcome

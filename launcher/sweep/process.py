@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import IO
 
@@ -120,3 +120,18 @@ def stop_runs(active: list[ActiveRun], grace_s: float = 30.0) -> None:
             signal_run(item, signal.SIGKILL)
             item.process.wait()
         item.log.close()
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """While a whole-grid driver waits: SIGTERM (a scheduler, kill) stops it as Ctrl-C does,
+    so it stops its runs in order before it exits."""
+
+    def _terminate(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -20,7 +20,7 @@ import click
 from rich.console import Console
 
 from launcher.sweep.grid import PlannedRun, SweepPlan, plan_sweep
-from launcher.sweep.process import LOG_FILE
+from launcher.sweep.process import LOG_FILE, sigterm_as_interrupt
 from launcher.sweep.progress import SweepProgress
 from launcher.sweep.state import FailedRun, SweepOutcome, survey, write_plan
 from ncserve.errors import UserError
@@ -161,7 +161,10 @@ def run_submitit(
         soft_wrap=True,
     )
     try:
-        with SweepProgress(plan, console, len(plan.runs), len(outcome.done)) as progress:
+        with (
+            sigterm_as_interrupt(),
+            SweepProgress(plan, console, len(plan.runs), len(outcome.done)) as progress,
+        ):
             while pending or active:
                 if pending and len(active) < limit:
                     take = limit - len(active)
