@@ -102,7 +102,17 @@ class Tracking:
             max_buffer_bytes=int(tracking.buffer_mb * (1 << 20)),
             background=tracking.background,
             shard_per_rank=tracking.shard_per_rank,
+            node=self._node_name(),
         )
+
+    def _node_name(self) -> str | None:
+        """This rank's node for the tracker's one-shard-per-node sums: in local mode the
+        simulated node (``--nodes`` x ``--nproc-per-node`` workers run as one elastic node
+        here); otherwise None, the elastic agent's GROUP_RANK."""
+        launch = self.config.launch
+        if not launch.local_mode or not launch.nproc_per_node.isdigit():
+            return None
+        return f"local-node-{self.rank // int(launch.nproc_per_node)}"
 
     def log_step(self, running_loss: float, running_acc: float) -> None:
         """A logged step: nc0 from W (gathered first under ZeRO-3), recorded by rank 0."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -16,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.launcher_support import REPO, TINY, metrics
+from ncserve.metrics import METRIC_KEYS
+from tests.launcher_support import REPO, TINY, metrics, run_ok
 
 pytestmark = pytest.mark.slow
 
@@ -76,3 +78,29 @@ def test_two_nodes_from_pet_environment(tmp_path: Path) -> None:
     for rank in (0, 1):
         log = (run_dir / "logs" / f"rank{rank}.log").read_text()
         assert f"rank {rank} of 2 (local 0 of 1" in log
+
+
+def _shards(db: Path) -> dict[tuple[int, int], int]:
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute("SELECT step, round, COUNT(*) FROM shards GROUP BY step, round")
+        return {(step, rnd): n for step, rnd, n in rows}
+
+
+def test_one_shard_per_node_equals_one_shard_per_rank(tmp_path: Path) -> None:
+    """--nodes 2 --nproc-per-node 2: the service gets 2 shards per round per step (one per
+    node) and the metrics equal --shard-per-rank's (4 shards) to 1e-12."""
+    results = {}
+    for mode in ("--shard-per-node", "--shard-per-rank"):
+        run_dir = tmp_path / mode.strip("-")
+        args = [*TINY, "--nodes", "2", "--nproc-per-node", "2", "--epochs", "1"]
+        run_ok(*args, mode, "--run-dir", str(run_dir), "--measure-in-foreground")
+        results[mode] = (metrics(run_dir), _shards(run_dir / "service" / "ncserve.db"))
+    (per_node, node_shards), (per_rank, rank_shards) = results.values()
+    steps = [r["step"] for r in per_node]
+    assert steps == [r["step"] for r in per_rank] and len(steps) == 2
+    assert node_shards == {(step, rnd): 2 for step in steps for rnd in (1, 2)}
+    assert rank_shards == {(step, rnd): 4 for step in steps for rnd in (1, 2)}
+    for node_row, rank_row in zip(per_node, per_rank, strict=True):
+        assert node_row["train_loss"] == rank_row["train_loss"]  # the same training
+        for key in METRIC_KEYS:
+            assert node_row[key] == pytest.approx(rank_row[key], rel=1e-12, abs=1e-15), key
