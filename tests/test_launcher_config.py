@@ -124,6 +124,21 @@ def _resolved(**sections: dict) -> RunConfig:
     return resolve(RunConfig.model_validate(sections), cuda_available=False)
 
 
+def test_the_training_guide_lists_every_nclaunch_option() -> None:
+    """docs/training.md's option tables name every flag `nclaunch` takes."""
+    import click
+
+    guide = (Path(__file__).resolve().parents[1] / "docs" / "training.md").read_text()
+    missing = []
+    for param in main_group.params:
+        if not isinstance(param, click.Option):
+            continue
+        flag = "/".join([param.opts[0], *param.secondary_opts[:1]])
+        if f"| `{flag}`" not in guide:
+            missing.append(flag)
+    assert not missing, f"docs/training.md lacks rows for {missing}"
+
+
 def test_launch_plans_follow_torchrun(tmp_path: Path) -> None:
     local = _resolved(launch={"nnodes": "4", "nproc_per_node": "1"})
     plan = plan_launch(local, RunDir(tmp_path))
