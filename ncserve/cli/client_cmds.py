@@ -193,7 +193,7 @@ def _connection_opts(kwargs: dict[str, Any]) -> dict[str, Any]:
     return {name: kwargs.pop(name) for name in names}
 
 
-def _command(fn: F) -> F:
+def connection_command(fn: F) -> F:
     """Split the connection options off into one ``opts`` dict for the command body."""
 
     @functools.wraps(fn)
@@ -280,7 +280,7 @@ FORMAT_OPTION = click.option(
 @FORMAT_OPTION
 @DB_OPTION
 @client_options
-@_command
+@connection_command
 def runs(opts: dict[str, Any], states: tuple[str, ...], fmt: str, db: Path | None) -> None:
     """List the runs the service (or a --db store) holds, oldest first, with where each is
     in its life."""
@@ -327,7 +327,7 @@ def _ago(seconds: float) -> str:
 @click.argument("run_id", metavar="RUN")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @client_options
-@_command
+@connection_command
 def delete(opts: dict[str, Any], run_id: str, yes: bool) -> None:
     """Delete RUN and everything stored of it: measurements, scalars, open steps, and its
     Prometheus series. Needs the same token as every write."""
@@ -353,7 +353,7 @@ def delete(opts: dict[str, Any], run_id: str, yes: bool) -> None:
 @FORMAT_OPTION
 @DB_OPTION
 @client_options
-@_command
+@connection_command
 def query(
     opts: dict[str, Any],
     run_id: str,
@@ -419,7 +419,7 @@ def query(
 )
 @FORMAT_OPTION
 @client_options
-@_command
+@connection_command
 def watch(
     opts: dict[str, Any],
     run_id: str,
@@ -532,7 +532,7 @@ def _wait_for_run(client: NCClient, run_id: str, wait_s: float) -> None:
 )
 @FORMAT_OPTION
 @client_options
-@_command
+@connection_command
 def push(
     opts: dict[str, Any],
     features_file: Path,

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import click
 from click.core import ParameterSource
 
-from ncserve.cli.client_cmds import DB_OPTION, _command, client_options, reading
+from ncserve.cli.client_cmds import DB_OPTION, client_options, connection_command, reading
 from ncserve.errors import UserError
 
 if TYPE_CHECKING:
@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 )
 @DB_OPTION
 @client_options
-@_command
+@connection_command
 def report(
     opts: dict[str, Any],
     inputs: tuple[Path, ...],
