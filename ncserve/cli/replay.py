@@ -17,7 +17,7 @@ from typing import Any
 
 import click
 
-from ncserve.cli.client_cmds import FORMAT_OPTION, _command, client_options, make_client
+from ncserve.cli.client_cmds import FORMAT_OPTION, client_options, connection_command, make_client
 from ncserve.client import DeliveryReport, NCClient
 from ncserve.client.buffer import BufferKey, SpoolInUseError
 from ncserve.errors import UserError
@@ -97,7 +97,7 @@ def _call(item: dict[str, Any]) -> str:
 )
 @FORMAT_OPTION
 @client_options
-@_command
+@connection_command
 def replay(opts: dict[str, Any], paths: tuple[Path, ...], timeout: float, fmt: str) -> None:
     """Deliver the calls left in the spools of a run (RUN_DIR/spool/<rank>/) to the service.
 
