@@ -44,15 +44,15 @@ emptyDir: {}
 {{/*
 Fail early, with what to run, when the sweep's values do not fit together. Helm cannot
 count a grid's points (groups, axes and --set pins decide it), so the user passes the
-count that `nclaunch sweep GRID --list` prints.
+count of the points `nclaunch sweep GRID --list` prints, one line each.
 */}}
 {{- define "ncserve.validateSweep" -}}
 {{- $s := .Values.sweep }}
 {{- if $s.grid }}
 {{- if kindIs "invalid" $s.points }}
-{{- fail "sweep.grid is set but sweep.points is not: pass the number of points of the grid, which `nclaunch sweep GRID.yaml --list` prints, as --set sweep.points=N" }}
+{{- fail "sweep.grid is set but sweep.points is not: pass the number of points of the grid, the lines of `nclaunch sweep GRID.yaml --list | wc -l`, as --set sweep.points=N" }}
 {{- else if not (regexMatch "^[1-9][0-9]*$" (toString $s.points)) }}
-{{- fail (printf "sweep.points must be a positive integer, the number of points of sweep.grid that `nclaunch sweep GRID.yaml --list` prints; got %q" (toString $s.points)) }}
+{{- fail (printf "sweep.points must be a positive integer, the number of points of sweep.grid, the lines of `nclaunch sweep GRID.yaml --list | wc -l`; got %q" (toString $s.points)) }}
 {{- end }}
 {{- else if not (kindIs "invalid" $s.points) }}
 {{- fail "sweep.points is set but sweep.grid is empty: pass the grid file with --set-file sweep.grid=GRID.yaml" }}
