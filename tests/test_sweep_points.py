@@ -300,3 +300,51 @@ def test_submitit_local_cluster_runs_every_point(tmp_path: Path, service: str) -
     listed = yaml.safe_load((out / "sweep.yaml").read_text())
     assert [r["name"] for r in listed["runs"]] == ["sgd", "adamw"]
     assert listed["sweep_id"] == "arr"
+
+
+def _fake_slurm(bin_dir: Path, record: Path) -> None:
+    """sbatch, sacct, srun and scancel stand-ins: sbatch keeps the script it was given and
+    answers job 4242; sacct says every task of it failed (no result ever appears)."""
+    bin_dir.mkdir()
+    scripts = {
+        "sbatch": f'cp "$1" {record}\necho "Submitted batch job 4242"',
+        "sacct": 'printf "JobID|State|NodeList\\n4242_[0-1]|FAILED|node7\\n"',
+        "srun": "exit 0",
+        "scancel": "exit 0",
+    }
+    for name, body in scripts.items():
+        path = bin_dir / name
+        path.write_text(f"#!/bin/sh\n{body}\n")
+        path.chmod(0o755)
+
+
+@pytest.mark.slow
+def test_slurm_array_submission_and_a_failed_point(tmp_path: Path) -> None:
+    """The sbatch script of the array (partition, %N, GPUs, time) and, for a point whose task
+    fails, the report naming it with its logs and a non-zero exit status."""
+    grid = write_grid(tmp_path / "grid.yaml", TWO_POINTS)
+    record = tmp_path / "sbatch.sh"
+    _fake_slurm(tmp_path / "bin", record)
+    out = tmp_path / "slurm"
+    result = nclaunch(
+        *("sweep", str(grid), "--backend", "submitit", "--partition", "gpu-a100"),
+        *("--gpus-per-run", "1", "--max-parallel", "2", "--timeout-min", "90"),
+        *("--out", str(out), "--sidecar", "127.0.0.1:9"),
+        env={"PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}"},
+        timeout=120,
+    )
+    assert result.returncode == 1, f"{result.stdout}\n{result.stderr}"
+    script = record.read_text()
+    for line in (
+        "#SBATCH --partition=gpu-a100",
+        "#SBATCH --array=0-1%2",
+        "#SBATCH --gpus-per-node=1",
+        "#SBATCH --time=90",
+        "#SBATCH --job-name=nclaunch-sweep-slurm",
+    ):
+        assert line in script, script
+    assert "2 point(s) submitted to Slurm partition gpu-a100 as job array 4242" in result.stdout
+    assert "0/2 run(s) done (0 now, 0 before), 2 failed" in result.stdout
+    failed = next(line for line in result.stdout.splitlines() if "failed: adamw" in line)
+    assert "(task FAILED)" in failed and str(out / "adamw" / "nclaunch.log") in failed
+    assert str(out.resolve() / "submitit" / "4242_1" / "4242_1_0_log.out") in failed

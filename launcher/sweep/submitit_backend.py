@@ -10,6 +10,7 @@ the failed points with their logs; submitit keeps its own files in ``OUT/submiti
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -29,6 +30,8 @@ CLUSTERS = ("slurm", "local")
 DEFAULT_TIMEOUT_MIN = 24 * 60
 SUBMITIT_DIR = "submitit"
 _POLL_S = 1.0
+# Task states after which a result file is still worth waiting for (Slurm, local).
+_ENDED_WELL = frozenset({"COMPLETED", "FINISHED"})
 # The exit status of a task whose point could not start (a UserError, as the CLI's).
 _USER_ERROR_STATUS = 2
 
@@ -80,32 +83,42 @@ class SubmittedRun:
     gpu: str | None = None
 
 
-def _executor(plan: SweepPlan, options: SubmititOptions, count: int) -> Any:
+def _executor(plan: SweepPlan, options: SubmititOptions) -> Any:
     import submitit
 
-    executor = submitit.AutoExecutor(
-        folder=plan.out_dir.resolve() / SUBMITIT_DIR / "%j", cluster=options.cluster
-    )
+    try:
+        executor = submitit.AutoExecutor(
+            folder=plan.out_dir.resolve() / SUBMITIT_DIR / "%j", cluster=options.cluster
+        )
+    except RuntimeError as err:  # no srun here
+        raise UserError(
+            f"--cluster {options.cluster}: {err} (run the sweep on a machine that submits to "
+            "it, or try the array here with --cluster local)"
+        ) from None
     parameters: dict[str, Any] = {
         "name": f"nclaunch-sweep-{plan.sweep_id}",
         "timeout_min": options.timeout_min,
         "nodes": 1,
         "tasks_per_node": 1,
-        "gpus_per_node": options.gpus_per_run,
     }
+    if options.gpus_per_run:
+        parameters["gpus_per_node"] = options.gpus_per_run
     if options.cluster == "slurm":
         parameters["slurm_partition"] = options.partition
-        parameters["slurm_array_parallelism"] = options.max_parallel or count
     executor.update_parameters(**parameters)
     return executor
 
 
 def _outcome_of(item: SubmittedRun) -> tuple[int, str]:
     """(exit status, detail) of a finished task."""
-    error = item.job.exception()
-    if error is not None:
+    job = item.job
+    if not job.paths.result_pickle.exists():
+        state = str(job.state)
+        if state.upper() not in _ENDED_WELL:  # the scheduler says why: TIMEOUT, FAILED, ...
+            return 1, f"task {state}"
+    if job.exception() is not None:  # waits a little for a result still on its way
         return 1, "its task ended without finishing the point (see the task's log)"
-    status = int(item.job.result())
+    status = int(job.result())
     return status, f"exit {status}"
 
 
@@ -123,23 +136,28 @@ def run_submitit(
             "--backend submitit: the points report to one service that every node reaches; "
             "give --sidecar HOST:PORT (or set sidecar in the grid's base); see docs/sweeps.md"
         )
+    executor = _executor(plan, options)
     outcome, todo = survey(plan, console)
     write_plan(plan)
     if not todo:
         return outcome
-    executor = _executor(plan, options, len(todo))
+    if options.cluster == "slurm":
+        executor.update_parameters(slurm_array_parallelism=options.max_parallel or len(todo))
     grid, out = str(plan.grid_path.resolve()), str(plan.out_dir.resolve())
 
     def submit(batch: list[tuple[PlannedRun, bool]]) -> list[SubmittedRun]:
         n = len(batch)
-        jobs = executor.map_array(
-            run_point_job,
-            [grid] * n,
-            [out] * n,
-            [run.index for run, _ in batch],
-            [overrides] * n,
-            [plan.sweep_id] * n,
-        )
+        try:
+            jobs = executor.map_array(
+                run_point_job,
+                [grid] * n,
+                [out] * n,
+                [run.index for run, _ in batch],
+                [overrides] * n,
+                [plan.sweep_id] * n,
+            )
+        except (OSError, subprocess.CalledProcessError) as err:
+            raise UserError(f"--cluster {options.cluster}: submitting failed: {err}") from None
         return [
             SubmittedRun(run, job, resume) for (run, resume), job in zip(batch, jobs, strict=True)
         ]
@@ -149,14 +167,13 @@ def run_submitit(
     limit = options.max_parallel or len(todo)
     if options.cluster == "slurm":
         active, pending = submit(pending), []  # one array; Slurm keeps %N of it running
-        where = (
-            f"Slurm partition {options.partition} as job array {active[0].job.job_id.split('_')[0]}"
-        )
+        array = active[0].job.job_id.split("_")[0]
+        where = f"submitted to Slurm partition {options.partition} as job array {array}"
     else:
-        where = "this machine (submitit's LocalExecutor)"
+        where = "running on this machine through submitit's LocalExecutor"
     console.print(
-        f"submitting {len(todo)} point(s) to {where}, at most {limit} at a time; "
-        f"task logs in {plan.out_dir / SUBMITIT_DIR}",
+        f"{len(todo)} point(s) {where}, at most {limit} at a time; task logs in "
+        f"{plan.out_dir / SUBMITIT_DIR}",
         highlight=False,
         soft_wrap=True,
     )
