@@ -44,7 +44,7 @@ PET_VARS = (
 COMPLETION_INDEX = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
 
 
-def test_ci_values_files_are_the_five_the_issue_lists() -> None:
+def test_ci_values_files_are_the_five_expected() -> None:
     assert (
         sorted(
             [
