@@ -79,7 +79,9 @@ def _print_points(points: GridPoints, fmt: str) -> None:
         click.echo(json.dumps(document, indent=2, default=str))
         return
     for run in points.runs:
-        varying = " ".join(f"{path}={run.settings.get(path)}" for path in points.axis_paths)
+        varying = " ".join(
+            f"{path}={run.settings[path]}" for path in points.axis_paths if path in run.settings
+        )
         click.echo(f"{run.index}\t{run.name}\t{varying}".rstrip())
 
 
