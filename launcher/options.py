@@ -2,8 +2,9 @@
 (launcher/config.py) becomes an option with its names, type and environment variable; its
 help is the field's description and its default the field's default, so each is written
 once, in launcher/config.py. ``add_flags`` builds the click options; ``preflight``
-checks what needs the filesystem or torch before any process starts. The CLI (launcher/cli.py) and the sweep (launcher/sweep.py) both import from
-here, so neither imports the other to learn the options.
+checks what needs the filesystem or torch before any process starts. The CLI
+(launcher/cli.py) and the sweep (launcher/sweep/) both import from here, so neither imports
+the other to learn the options.
 """
 
 from __future__ import annotations
