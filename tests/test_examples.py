@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import csv
+import math
+import re
 
 import pytest
 
+from ncserve.metrics import METRIC_KEYS
 from tests.track_support import loopback_service, require, run_example, stored_measurements
 
 pytestmark = pytest.mark.slow
@@ -51,3 +54,33 @@ def test_hf_example(tmp_path):
     assert [(row["step"], row["epoch"]) for row in rows] == [(0, 0), (16, 1)]
     assert all(row["status"] == "complete" and row["num_samples"] == 256 for row in rows)
     assert f"final: nc0 {rows[-1]['nc0']:.4f}" in output
+
+
+def test_tiny_lm_measures_a_vocabulary_sized_head(tmp_path):
+    with loopback_service(tmp_path / "db.sqlite") as target:
+        output = run_example(
+            "tiny_lm.py", "--quick", "--target", target, "--run-dir", "run", cwd=tmp_path
+        )
+        rows = stored_measurements(target, "tiny-lm")
+    shape = re.search(r"text: ([\d,]+) tokens; vocabulary: K = (\d+) classes", output)
+    assert shape, output
+    tokens, vocab = int(shape[1].replace(",", "")), int(shape[2])
+    # A word-level vocabulary: hundreds of next-token classes even in the --quick text.
+    assert vocab > 500
+    # --quick: 40 steps, measured at steps 0, 20 and 40, each over every token but the first.
+    assert [row["step"] for row in rows] == [0, 20, 40]
+    for row in rows:
+        assert row["status"] == "complete"
+        assert (row["num_classes"], row["feature_dim"]) == (vocab, 128)
+        assert row["num_samples"] == tokens - 1
+        assert all(math.isfinite(row[key]) for key in METRIC_KEYS), row
+    # The printed table shows what the service stored, and training moved the head.
+    printed = re.findall(r"^ *(\d+) +\S+ +(\d+) +(\S+)", output, flags=re.MULTILINE)
+    assert [(int(step), int(n)) for step, n, _ in printed] == [
+        (row["step"], row["num_samples"]) for row in rows
+    ]
+    assert [float(nc1) for *_, nc1 in printed] == pytest.approx(
+        [row["nc1"] for row in rows], rel=1e-3
+    )
+    assert rows[-1]["accuracy"] > rows[0]["accuracy"]
+    assert rows[-1]["scalars"]["train_loss"] < math.log(vocab)
