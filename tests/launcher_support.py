@@ -19,10 +19,17 @@ def cli(text: str) -> tuple[str, ...]:
     return tuple(text.split())
 
 
-TINY = cli(
-    "--dataset synthetic --num-classes 4 --feature-dim 8 --num-samples 256 --width 0.0625 "
-    "--batch-size 32"
-)
+TINY_SETTINGS: dict[str, Any] = {
+    "dataset": "synthetic",
+    "num-classes": 4,
+    "feature-dim": 8,
+    "num-samples": 256,
+    "width": 0.0625,
+    "batch-size": 32,
+}
+TINY = tuple(word for key, value in TINY_SETTINGS.items() for word in (f"--{key}", str(value)))
+# The base of a sweep grid of such runs: two epochs on one node.
+TINY_GRID_BASE: dict[str, Any] = {**TINY_SETTINGS, "epochs": 2, "nodes": 1}
 
 
 def nclaunch(

@@ -12,7 +12,6 @@ import json
 import shlex
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,8 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.launcher_support import REPO, nclaunch
+from launcher.launch import EmbeddedService
+from tests.launcher_support import REPO, TINY_GRID_BASE, nclaunch
 from tests.test_deploy_helm import (
     K8S_VERSION,
     NAMESPACE,
@@ -318,16 +318,7 @@ def test_notes_describe_the_sweep() -> None:
 
 # Two points of a tiny synthetic problem: one epoch each, seconds on a CPU.
 TINY_GRID = {
-    "base": {
-        "dataset": "synthetic",
-        "num-classes": 4,
-        "feature-dim": 8,
-        "num-samples": 256,
-        "width": 0.0625,
-        "batch-size": 32,
-        "epochs": 1,
-        "nodes": 1,
-    },
+    "base": {**TINY_GRID_BASE, "epochs": 1},
     "axes": {"optimizer": ["sgd", "adamw"]},
 }
 
@@ -335,42 +326,11 @@ TINY_GRID = {
 @pytest.fixture
 def local_ncserve(tmp_path: Path) -> Iterator[str]:
     """``ncserve serve`` on 127.0.0.1, OS-picked port; yields HOST:PORT."""
-    port_file = tmp_path / "ncserve.port"
-    code = "import sys; from ncserve.cli import main; sys.argv[0] = 'ncserve'; main()"
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            code,
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--port-file",
-            str(port_file),
-            "--db",
-            str(tmp_path / "ncserve.db"),
-            "--log-level",
-            "warning",
-        ],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    server = EmbeddedService(tmp_path / "ncserve", name="the test service")
     try:
-        deadline = time.monotonic() + 60
-        while not port_file.exists():
-            assert server.poll() is None, f"ncserve serve exited: {server.communicate()[1]}"
-            assert time.monotonic() < deadline, "ncserve serve did not start within 60 s"
-            time.sleep(0.1)
-        yield f"127.0.0.1:{int(port_file.read_text())}"
+        yield server.start()
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        server.stop()
 
 
 def local_command(

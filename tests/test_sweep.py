@@ -31,17 +31,7 @@ from launcher.sweep import (
 from ncserve.cli import cli as ncserve_cli
 from ncserve.service.store import Store
 from tests.launcher_support import REPO, nclaunch
-
-TINY_BASE = {
-    "dataset": "synthetic",
-    "num-classes": 4,
-    "feature-dim": 8,
-    "num-samples": 256,
-    "width": 0.0625,
-    "batch-size": 32,
-    "epochs": 2,
-    "nodes": 1,
-}
+from tests.launcher_support import TINY_GRID_BASE as TINY_BASE
 
 
 def write_grid(path: Path, grid: dict[str, object]) -> Path:

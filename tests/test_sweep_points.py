@@ -25,17 +25,8 @@ from launcher.sweep import plan_sweep
 from launcher.sweep.grid import default_sweep_id
 from ncserve.client import NCClient
 from tests.launcher_support import REPO, metrics, nclaunch
+from tests.launcher_support import TINY_GRID_BASE as TINY_BASE
 
-TINY_BASE: dict[str, Any] = {
-    "dataset": "synthetic",
-    "num-classes": 4,
-    "feature-dim": 8,
-    "num-samples": 256,
-    "width": 0.0625,
-    "batch-size": 32,
-    "epochs": 2,
-    "nodes": 1,
-}
 TWO_POINTS = {"base": TINY_BASE, "axes": {"optimizer": ["sgd", "adamw"]}}
 
 
