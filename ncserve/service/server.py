@@ -182,7 +182,15 @@ class ServerConfig(BaseModel):
         ge=2 << 20,
         description="Largest gRPC message accepted (tensor chunks are at most 1 MiB).",
     )
-    max_shard_bytes: int = Field(2 << 30, ge=1 << 20, description="largest push payload")
+    max_shard_bytes: Annotated[
+        int, Cli(("--max-shard-bytes",), type=click.IntRange(min=1 << 20))
+    ] = Field(
+        AggregatorLimits.max_shard_bytes,
+        ge=1 << 20,
+        description="Largest push payload read. A run whose pushes cannot fit (round 1 carries "
+        "16 x K x (P + 1) bytes from rank 0: 589 MiB for GPT-2's head) is refused when it "
+        "registers.",
+    )
     max_inflight_bytes: Annotated[
         int, Cli(("--max-inflight-bytes",), type=click.IntRange(min=1 << 20))
     ] = Field(
