@@ -291,3 +291,34 @@ def test_two_pass_forwards_the_split_twice_in_chunks_and_equals_one_pass(tmp_pat
     assert_same_metrics(results[True], reference(net, x, y))
     for key in (*METRIC_KEYS, "holdout_nc4", "holdout_accuracy"):
         assert results[True][key] == pytest.approx(results[False][key], rel=1e-10, abs=1e-14), key
+
+
+class TokenNet(nn.Module):
+    """A head applied to (batch, time, P) features, as in a language model."""
+
+    def __init__(self, vocab=5, p=8):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, p)
+        self.mix = nn.Linear(p, p)
+        self.head = nn.Linear(p, vocab)
+
+    def forward(self, tokens):
+        return self.head(torch.tanh(self.mix(self.embed(tokens))))
+
+
+def test_token_level_features_are_one_sample_per_position(tmp_path):
+    """(B, T) labels for a head on (B, T, P) features: B x T samples, each with its label."""
+    torch.manual_seed(4)
+    net = TokenNet()
+    tokens = torch.randint(0, 5, (12, 7))
+    targets = torch.roll(tokens, -1, dims=1)
+    loader = [(tokens[i : i + 4], targets[i : i + 4]) for i in range(0, 12, 4)]
+    with Tracker(net, target=None, run_id="tokens", run_dir=tmp_path) as tracker:
+        got = tracker.measure(loader, step=0)
+    with torch.no_grad():
+        h = torch.tanh(net.mix(net.embed(tokens))).reshape(-1, 8).double().numpy()
+    W = net.head.weight.detach().double().numpy()
+    b = net.head.bias.detach().double().numpy()
+    want = compute_metrics(h, targets.reshape(-1).numpy(), W, b)
+    assert got["num_samples"] == 12 * 7
+    assert_same_metrics(got, want)

@@ -227,7 +227,9 @@ class ModelCapture:
             self.model.train(was_training)
 
     def _checked_batch(self, c: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = c.reshape(c.shape[0], -1) if c.ndim > 2 else c
+        # nn.Linear acts on the last dimension: a (B, T, P) input (a language model's
+        # tokens) is B x T samples, each with its own label (y of shape (B, T)).
+        h = c.reshape(-1, c.shape[-1]) if c.ndim != 2 else c
         if h.shape[1] != self.feature_dim:
             raise TrackerError(
                 f"classifier inputs have {h.shape[1]} features per sample, expected "
