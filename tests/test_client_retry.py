@@ -7,6 +7,7 @@ import threading
 import time
 
 import grpc
+import numpy as np
 import pytest
 
 from ncserve.client.retry import RetryPolicy, is_transient
@@ -106,3 +107,36 @@ def test_stop_event_ends_the_wait() -> None:
     with pytest.raises(FakeRpcError):
         policy.call(attempt, start + 60.0, stop=stop)
     assert time.monotonic() - start < 1.0
+
+
+def test_a_push_gets_time_to_move_its_bytes_on_top_of_the_deadline(tmp_path):
+    """A vocabulary-sized round 1 (hundreds of MiB) cannot move in a 1 s deadline: each push's
+    deadline grows by its payload at the floor rate, small pushes keep the plain deadline."""
+    from ncserve.client import NCClient
+    from ncserve.client.delivery import MIN_TRANSFER_BYTES_PER_S, transfer_allowance_s
+    from ncserve.client.retry import RetryPolicy
+    from ncserve.metrics import Round1Stats
+
+    granted: list[float] = []
+
+    class Recording(RetryPolicy):
+        def call(self, attempt_fn, deadline, **kwargs):
+            granted.append(deadline - time.monotonic())
+            return None  # delivered
+
+    client = NCClient(
+        "127.0.0.1:1", deadline_s=1.0, retry=Recording(), replay_in_background=False,
+        spill_dir=tmp_path,
+    )  # fmt: skip
+    try:
+        for num_classes, feature_dim in ((4, 8), (2000, 2048)):
+            stats = Round1Stats.zeros(num_classes, feature_dim)
+            weight = np.zeros((num_classes, feature_dim))
+            assert client.push_round1("big", 0, 0, stats, weight_KP=weight)
+    finally:
+        client.close(timeout_s=0)
+    small, large = granted
+    assert 0.9 < small < 1.01
+    payload = 8 * 2000 * (2 * 2048 + 1)  # class sums, W, counts
+    assert transfer_allowance_s(payload) == payload / MIN_TRANSFER_BYTES_PER_S
+    assert large == pytest.approx(1.0 + transfer_allowance_s(payload), abs=0.2)

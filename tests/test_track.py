@@ -322,3 +322,14 @@ def test_token_level_features_are_one_sample_per_position(tmp_path):
     want = compute_metrics(h, targets.reshape(-1).numpy(), W, b)
     assert got["num_samples"] == 12 * 7
     assert_same_metrics(got, want)
+
+
+def test_a_buffer_smaller_than_one_push_is_warned_about(tmp_path, caplog):
+    """An outage would drop, not spool, pushes larger than the client's whole buffer."""
+    net = Net(p=64, k=4)  # round 1 of rank 0: 8 x 4 x (2 x 64 + 1) = 4128 bytes
+    with caplog.at_level("WARNING", logger="ncserve.track.tracker"):
+        Tracker(
+            net, target=f"127.0.0.1:{free_port()}", run_id="small", run_dir=tmp_path,
+            deadline_s=0.2, max_buffer_bytes=4000,
+        ).close(timeout_s=0)  # fmt: skip
+    assert "cannot hold one round-1 push of K=4 x P=64 (4128 bytes)" in caplog.text

@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import atexit
 import logging
-import re
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -36,7 +34,12 @@ from ncserve.client.buffer import (
     BufferKey,
     DurableBuffer,
 )
-from ncserve.client.payload import decode_payload, encode_payload
+from ncserve.client.delivery import (
+    Call,
+    Delivery,
+    error_details,
+    transfer_allowance_s,
+)
 from ncserve.client.queries import ServiceQueries
 from ncserve.client.retry import RetryPolicy, is_transient, status_code
 from ncserve.client.types import (
@@ -52,11 +55,10 @@ from ncserve.protocol import (
     MAX_REASON_CHARS,
     RUN_END_STATES,
     RUN_FINISHED,
-    RUN_STATE_VALUES,
 )
 from ncserve.v1 import ncserve_pb2 as pb
 from ncserve.v1 import ncserve_pb2_grpc as pb_grpc
-from ncserve.wire import WireError, decode_arrays, encode_arrays, payload_nbytes
+from ncserve.wire import WireError, decode_arrays
 
 log = logging.getLogger(__name__)
 
@@ -76,48 +78,7 @@ _CHANNEL_OPTIONS: list[tuple[str, Any]] = [
 ]
 
 
-@dataclass
-class _Call:
-    """One write call, in a form that can be sent now or encoded for the buffer."""
-
-    key: BufferKey
-    meta: dict[str, Any]
-    arrays: dict[str, np.ndarray] = field(default_factory=dict)
-
-    def payload(self) -> bytes:
-        return encode_payload({"key": self.key.to_json(), **self.meta}, self.arrays)
-
-    @classmethod
-    def from_payload(cls, key: BufferKey, data: bytes) -> _Call:
-        meta, arrays = decode_payload(data)
-        meta.pop("key", None)
-        return cls(key, meta, arrays)
-
-
-class _RoundOneIncompleteError(Exception):
-    """Round 2 arrived before every rank's round 1: wait, other ranks may be replaying."""
-
-
-# The service's FAILED_PRECONDITION for a round 2 that came before every rank's round 1
-# ("... before round 1 is complete (3 of 4 round-1 shards in ...); retry later"). Other
-# FAILED_PRECONDITIONs, such as a step already marked incomplete, are final.
-_ROUND1_PENDING = re.compile(r"before round 1 is complete|round 1 (is )?(not )?incomplete")
-
-
-def _is_round1_incomplete(error: BaseException) -> bool:
-    if status_code(error) != grpc.StatusCode.FAILED_PRECONDITION:
-        return False
-    details = _details(error).lower()
-    return "marked incomplete" not in details and bool(_ROUND1_PENDING.search(details))
-
-
-def _details(error: BaseException) -> str:
-    details = getattr(error, "details", None)
-    text = details() if callable(details) else None
-    return text or str(error)
-
-
-class NCClient(ServiceQueries):
+class NCClient(Delivery, ServiceQueries):
     """Client of the ncserve service; thread-safe. See the module docstring."""
 
     def __init__(
@@ -211,7 +172,7 @@ class NCClient(ServiceQueries):
             "metadata": {str(k): str(v) for k, v in (metadata or {}).items()},
         }
         self._remember_shape(run_id, int(num_classes), int(feature_dim))
-        return self._submit(_Call(BufferKey(KIND_REGISTER, run_id), meta))
+        return self._submit(Call(BufferKey(KIND_REGISTER, run_id), meta))
 
     def push_round1(
         self,
@@ -241,7 +202,7 @@ class NCClient(ServiceQueries):
         }
         key = BufferKey(KIND_ROUND1, run_id, int(step), int(rank), 1)
         self._remember_shape(run_id, stats.num_classes, stats.feature_dim)
-        return self._submit(_Call(key, meta, arrays))
+        return self._submit(Call(key, meta, arrays))
 
     def push_round2(
         self,
@@ -280,7 +241,7 @@ class NCClient(ServiceQueries):
             ],
         }
         key = BufferKey(KIND_ROUND2, run_id, int(step), int(rank), 2)
-        return self._submit(_Call(key, meta, arrays))
+        return self._submit(Call(key, meta, arrays))
 
     def record_scalars(
         self,
@@ -292,7 +253,7 @@ class NCClient(ServiceQueries):
     ) -> bool:
         """Record cheap per-step values (nc0, loss, lr). False: buffered for replay."""
         meta = {"values": {str(k): float(v) for k, v in values.items()}, "epoch": epoch}
-        return self._submit(_Call(BufferKey(KIND_SCALARS, run_id, int(step)), meta))
+        return self._submit(Call(BufferKey(KIND_SCALARS, run_id, int(step)), meta))
 
     def finish_run(self, run_id: str, state: str = RUN_FINISHED, reason: str = "") -> bool:
         """End the run (``finished`` or ``failed``), after everything queued before it.
@@ -304,7 +265,7 @@ class NCClient(ServiceQueries):
         if state not in RUN_END_STATES:
             raise ValueError(f"state must be one of {RUN_END_STATES}, got {state!r}")
         meta = {"state": state, "reason": str(reason)[:MAX_REASON_CHARS]}
-        return self._submit(_Call(BufferKey(KIND_FINISH, run_id), meta))
+        return self._submit(Call(BufferKey(KIND_FINISH, run_id), meta))
 
     def heartbeat(self, run_id: str) -> bool:
         """Tell the service the run is alive. Not buffered (a late heartbeat says nothing);
@@ -315,7 +276,7 @@ class NCClient(ServiceQueries):
                 pb.HeartbeatRequest(run_id=run_id), timeout=self.deadline_s, metadata=self._metadata
             )
         except grpc.RpcError as error:
-            log.debug("heartbeat of run %r not delivered: %s", run_id, _details(error))
+            log.debug("heartbeat of run %r not delivered: %s", run_id, error_details(error))
             return False
         return True
 
@@ -329,6 +290,9 @@ class NCClient(ServiceQueries):
         """
         deadline = time.monotonic() + timeout_s
         self._check_open()
+        known = self._shapes.get(run_id)
+        if known is not None:
+            deadline += transfer_allowance_s(8 * known[0] * (known[1] + 1))
         # This rank's own round 1 may still be in the buffer; the service cannot answer
         # before it arrives.
         if len(self._buffer) and (self._down.is_set() or not self._wait_drained(deadline)):
@@ -425,143 +389,6 @@ class NCClient(ServiceQueries):
         if self._closed:
             raise RuntimeError("NCClient is closed")
 
-    def _submit(self, call: _Call) -> bool:
-        """Send ``call`` now, or buffer it behind older undelivered calls. Raises ServiceError
-        only for a permanent refusal of this very call."""
-        self._check_open()
-        deadline = time.monotonic() + self.deadline_s
-        # Order matters (a run's registration before its pushes, round 1 before round 2):
-        # while older calls wait, a new one goes behind them. During a known outage, or
-        # while the oldest call waits for other ranks, trying first would only stall.
-        if len(self._buffer) and (self._down.is_set() or self._head_waits_for_round1()):
-            self._enqueue(call)
-            return False
-        if len(self._buffer) and not self._drain(deadline):
-            self._enqueue(call)
-            return False
-        try:
-            self._send(call, deadline)
-        except grpc.RpcError as error:
-            if is_transient(error):
-                self._down.set()
-                self._enqueue(call)
-                return False
-            raise self._service_error(_METHODS[call.key.kind], error) from None
-        except _RoundOneIncompleteError:
-            # Another rank's round 1 is late (perhaps still in its own buffer): retry later.
-            self._enqueue(call)
-            return False
-        self._down.clear()
-        with self._counts_lock:
-            self._delivered += 1
-        return True
-
-    def _head_waits_for_round1(self) -> bool:
-        head = self._buffer.head_seq()
-        return head is not None and head in self._round1_wait_since
-
-    def _wait_drained(self, deadline: float) -> bool:
-        """Replay with backoff until the buffer is empty (True) or ``deadline`` passes."""
-        attempt = 0
-        while len(self._buffer) and not self._drain(deadline):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or self._stop.is_set():
-                return False
-            time.sleep(min(self._pause_after_failed_drain(attempt), remaining))
-            attempt = 0 if not self._down.is_set() else attempt + 1
-        return True
-
-    def _pause_after_failed_drain(self, attempt: int) -> float:
-        """How long to wait before draining again. While the service is down: the backoff.
-        While it answers and the oldest call waits for other ranks' round 1 (which their own
-        clients are replaying right now): a short poll, so the buffer empties as soon as
-        they deliver and new calls stop queueing behind it."""
-        if self._down.is_set():
-            return self._retry.backoff_s(attempt)
-        return self._retry.initial_backoff_s
-
-    def _enqueue(self, call: _Call) -> None:
-        self._buffer.append(call.key, call.payload())
-        self._wake.set()
-
-    def _send(self, call: _Call, deadline: float) -> None:
-        """Deliver one call, retrying transient failures until ``deadline``."""
-        kind = call.key.kind
-        if kind == KIND_REGISTER:
-            request = pb.RegisterRunRequest(
-                run_id=call.key.run_id,
-                num_classes=call.meta["num_classes"],
-                feature_dim=call.meta["feature_dim"],
-                world_size=call.meta["world_size"],
-                metadata=call.meta["metadata"],
-            )
-            self._retry.call(
-                lambda t: self._stub.RegisterRun(request, timeout=t, metadata=self._metadata),
-                deadline,
-                stop=self._stop,
-            )
-        elif kind == KIND_FINISH:
-            finish_request = pb.FinishRunRequest(
-                run_id=call.key.run_id,
-                state=RUN_STATE_VALUES[call.meta["state"]],
-                reason=call.meta["reason"],
-            )
-            self._retry.call(
-                lambda t: self._stub.FinishRun(finish_request, timeout=t, metadata=self._metadata),
-                deadline,
-                stop=self._stop,
-            )
-        elif kind == KIND_SCALARS:
-            scalars_request = pb.RecordScalarsRequest(
-                run_id=call.key.run_id, step=call.key.step, values=call.meta["values"]
-            )
-            if call.meta.get("epoch") is not None:
-                scalars_request.epoch = int(call.meta["epoch"])
-            self._retry.call(
-                lambda t: self._stub.RecordScalars(
-                    scalars_request, timeout=t, metadata=self._metadata
-                ),
-                deadline,
-                stop=self._stop,
-            )
-        else:
-            header = self._shard_header(call)
-            rpc = self._stub.PushRound1 if kind == KIND_ROUND1 else self._stub.PushRound2
-
-            def attempt(t: float) -> pb.PushReply:
-                # A fresh generator per attempt: a retried stream starts from the header.
-                return rpc(_shard_stream(header, call.arrays), timeout=t, metadata=self._metadata)
-
-            try:
-                self._retry.call(attempt, deadline, stop=self._stop)
-            except grpc.RpcError as error:
-                if kind == KIND_ROUND2 and _is_round1_incomplete(error):
-                    raise _RoundOneIncompleteError(_details(error)) from error
-                raise
-
-    def _shard_header(self, call: _Call) -> pb.ShardHeader:
-        key = call.key
-        header = pb.ShardHeader(
-            run_id=key.run_id,
-            step=key.step,
-            rank=key.rank,
-            round=pb.ROUND_1 if key.kind == KIND_ROUND1 else pb.ROUND_2,
-            num_classes=call.meta["num_classes"],
-            feature_dim=call.meta["feature_dim"],
-            # Lets the service reserve this push's real size, not the round's largest.
-            payload_bytes=payload_nbytes(call.arrays),
-        )
-        if call.meta.get("epoch") is not None:
-            header.epoch = int(call.meta["epoch"])
-        if call.meta.get("scalars"):
-            header.scalars.update(call.meta["scalars"])
-        tally = call.meta.get("train_tally")
-        if tally is not None:
-            header.train_tally.CopyFrom(
-                pb.TrainTally(loss_sum=tally[0], num_correct=tally[1], num_samples=tally[2])
-            )
-        return header
-
     def _remember_shape(self, run_id: str, num_classes: int, feature_dim: int) -> None:
         with self._counts_lock:
             self._shapes[run_id] = (int(num_classes), int(feature_dim))
@@ -584,79 +411,6 @@ class NCClient(ServiceQueries):
             "registration through it); pass num_classes= and feature_dim= to push_round2"
         )
 
-    def _drain(self, deadline: float) -> bool:
-        """Deliver buffered calls, oldest first, until empty (True) or blocked (False)."""
-        remaining = deadline - time.monotonic()
-        if remaining <= 0 or not self._replay_lock.acquire(timeout=remaining):
-            return not len(self._buffer)
-        try:
-            while (entry := self._buffer.head()) is not None:
-                if time.monotonic() >= deadline or self._stop.is_set():
-                    return False
-                key = entry.key
-                shard = (key.run_id, key.step, key.rank)
-                if key.kind == KIND_ROUND2 and shard in self._refused_shards:
-                    self._reject(entry.seq, key, None, "round 1 of this shard was refused")
-                    continue
-                try:
-                    call = _Call.from_payload(key, entry.payload)
-                    self._send(call, deadline)
-                except grpc.RpcError as error:
-                    if is_transient(error):
-                        self._down.set()
-                        return False
-                    self._reject(entry.seq, key, status_code(error), _details(error))
-                    continue
-                except _RoundOneIncompleteError as waiting:
-                    self._down.clear()  # the service answered
-                    first = self._round1_wait_since.setdefault(entry.seq, time.monotonic())
-                    if time.monotonic() - first < self._round1_patience_s:
-                        return False
-                    self._reject(
-                        entry.seq,
-                        key,
-                        grpc.StatusCode.FAILED_PRECONDITION,
-                        f"{waiting} (gave up after {self._round1_patience_s:g} s)",
-                    )
-                    continue
-                except (ValueError, KeyError, TypeError) as error:
-                    # A payload this client cannot decode will never become deliverable.
-                    self._reject(entry.seq, key, None, f"undecodable buffered call: {error}")
-                    continue
-                self._down.clear()
-                self._buffer.remove(entry.seq)
-                self._round1_wait_since.pop(entry.seq, None)
-                with self._counts_lock:
-                    self._delivered += 1
-                    self._replayed += 1
-            return True
-        finally:
-            self._replay_lock.release()
-
-    def _reject(self, seq: int, key: BufferKey, code: grpc.StatusCode | None, details: str) -> None:
-        self._buffer.remove(seq)
-        self._round1_wait_since.pop(seq, None)
-        if key.kind == KIND_ROUND1:
-            self._refused_shards.add((key.run_id, key.step, key.rank))
-        name = code.name if code is not None else "CLIENT"
-        log.error("ncserve refused buffered %s: %s: %s", key, name, details)
-        with self._counts_lock:
-            self._rejected.append(RejectedEntry(key, name, details))
-
-    def _replay_loop(self) -> None:
-        attempt = 0
-        while not self._stop.is_set():
-            if not len(self._buffer):
-                self._wake.wait()
-                self._wake.clear()
-                attempt = 0
-                continue
-            if self._drain(time.monotonic() + self.deadline_s):
-                attempt = 0
-                continue
-            self._stop.wait(self._pause_after_failed_drain(attempt))
-            attempt = 0 if not self._down.is_set() else attempt + 1
-
     def _query(self, method: str, rpc: Callable[..., T], request: Any) -> T:
         self._check_open()
         deadline = time.monotonic() + self.deadline_s
@@ -671,7 +425,7 @@ class NCClient(ServiceQueries):
 
     def _service_error(self, method: str, error: grpc.RpcError) -> ServiceError:
         code = status_code(error) or grpc.StatusCode.UNKNOWN
-        details = _details(error)
+        details = error_details(error)
         if code == grpc.StatusCode.UNAVAILABLE:
             details = f"ncserve at {self.target} is unreachable ({details})"
         elif code == grpc.StatusCode.DEADLINE_EXCEEDED:
@@ -679,25 +433,9 @@ class NCClient(ServiceQueries):
         return ServiceError(method, code, details)
 
 
-_METHODS = {
-    KIND_REGISTER: "RegisterRun",
-    KIND_FINISH: "FinishRun",
-    KIND_ROUND1: "PushRound1",
-    KIND_ROUND2: "PushRound2",
-    KIND_SCALARS: "RecordScalars",
-}
-
 # K = 20,000 classes and P = 8192 features of float64 means: 1.3 GB. Above that is no
 # measurement this service makes, so a reply claiming more is refused before allocation.
 _MAX_CLASS_MEANS_BYTES = 2 << 30
-
-
-def _shard_stream(
-    header: pb.ShardHeader, arrays: Mapping[str, np.ndarray]
-) -> Iterator[pb.ShardChunk]:
-    yield pb.ShardChunk(header=header)
-    for chunk in encode_arrays(arrays):
-        yield pb.ShardChunk(chunk=chunk)
 
 
 def _is_loopback(target: str) -> bool:

@@ -171,6 +171,18 @@ class Tracker(ServiceRounds):
         )
         self._pushes = self.nodes is None or self.nodes.is_leader
         self.two_pass = bool(two_pass)
+        # Round 1 of shard 0 is the largest push: counts, class sums and W (float64).
+        largest_push = 8 * self.num_classes * (2 * self.feature_dim + 1)
+        if self._pushes and max_buffer_bytes < largest_push:
+            log.warning(
+                "max_buffer_bytes=%d cannot hold one round-1 push of K=%d x P=%d (%d bytes): "
+                "while the service is unreachable those measurements are dropped, not spooled; "
+                "raise max_buffer_bytes (nclaunch --buffer-mb)",
+                max_buffer_bytes,
+                self.num_classes,
+                self.feature_dim,
+                largest_push,
+            )
         self.client = NCClient(
             target,
             token=token,
