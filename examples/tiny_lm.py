@@ -150,6 +150,13 @@ def parse_args() -> argparse.Namespace:
         default="runs/tiny-lm",
         help="spool, embedded database and metrics.csv (default %(default)s)",
     )
+    parser.add_argument("--run-id", default="tiny-lm", help="run id (default %(default)s)")
+    parser.add_argument(
+        "--two-pass",
+        action="store_true",
+        help="keep no features: forward the measurement split twice per measurement (class "
+        "sums, then round 2), as for a split too large to hold",
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
     args = parser.parse_args()
     if args.d_model % args.heads:
@@ -209,11 +216,12 @@ def main() -> None:
     with Tracker(
         model,
         classifier=model.head,
-        run_id="tiny-lm",
+        run_id=args.run_id,
         target=args.target,
         run_dir=args.run_dir,
         metadata={"optimizer": "adamw", "model": "tiny-lm", "dataset": "pydoc-topics"},
         csv=f"{args.run_dir}/metrics.csv",
+        two_pass=args.two_pass,
     ) as tracker:
         for step in range(args.steps + 1):
             if step % args.measure_every == 0 or step == args.steps:

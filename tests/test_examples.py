@@ -62,6 +62,12 @@ def test_tiny_lm_measures_a_vocabulary_sized_head(tmp_path):
             "tiny_lm.py", "--quick", "--target", target, "--run-dir", "run", cwd=tmp_path
         )
         rows = stored_measurements(target, "tiny-lm")
+        # Two-pass mode (no features kept) measures the same model at step 0 alike.
+        run_example(
+            "tiny_lm.py", "--quick", "--two-pass", "--steps", "1", "--run-id", "two-pass",
+            "--target", target, "--run-dir", "run2", cwd=tmp_path,
+        )  # fmt: skip
+        two_pass = stored_measurements(target, "two-pass")
     shape = re.search(r"text: ([\d,]+) tokens; vocabulary: K = (\d+) classes", output)
     assert shape, output
     tokens, vocab = int(shape[1].replace(",", "")), int(shape[2])
@@ -84,3 +90,6 @@ def test_tiny_lm_measures_a_vocabulary_sized_head(tmp_path):
     )
     assert rows[-1]["accuracy"] > rows[0]["accuracy"]
     assert rows[-1]["scalars"]["train_loss"] < math.log(vocab)
+    assert [row["step"] for row in two_pass] == [0, 1]
+    for key in METRIC_KEYS:
+        assert two_pass[0][key] == pytest.approx(rows[0][key], rel=1e-9, abs=1e-12), key
