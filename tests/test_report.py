@@ -391,7 +391,7 @@ def test_an_unknown_sweep_is_named_with_the_known_ones(
         (["--target", "127.0.0.1:1", "--db", "x.db"], "either --target"),
         (["RUN", "--sweep", "grid"], "--sweep picks runs at --target or in --db"),
         (["--db", "DB"], "holds no runs"),
-        (["--target", "127.0.0.1:1", "--deadline", "0.5"], "ncserve runs --db FILE"),
+        (["--target", "127.0.0.1:1", "--deadline", "0.5"], "ncserve report --db FILE"),
     ],
 )
 def test_report_source_errors(tmp_path: Path, args: list[str], message: str) -> None:

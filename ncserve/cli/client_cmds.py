@@ -142,8 +142,10 @@ EMBEDDED_DB = "runs/<run-id>/service/ncserve.db"
 
 def _user_error(error: ServiceError) -> UserError:
     if error.code == grpc.StatusCode.UNAVAILABLE:
+        ctx = click.get_current_context(silent=True)
+        command = f"ncserve {ctx.info_name if ctx is not None else 'runs'}"
         return UserError(
-            f"{error.details}; to read a store without a server: ncserve runs --db FILE "
+            f"{error.details}; to read a store without a server: {command} --db FILE "
             f"(an nclaunch run keeps its own in {EMBEDDED_DB})"
         )
     if error.code == grpc.StatusCode.UNAUTHENTICATED:
