@@ -17,7 +17,8 @@ from typing import Any
 
 import click
 
-from ncserve.cli.client_cmds import FORMAT_OPTION, client_options, connection_command, make_client
+from ncserve.cli.client_cmds import FORMAT_OPTION
+from ncserve.cli.connection import client_options, connection_command, make_client
 from ncserve.client import DeliveryReport, NCClient
 from ncserve.client.buffer import BufferKey, SpoolInUseError
 from ncserve.errors import UserError

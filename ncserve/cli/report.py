@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import click
 from click.core import ParameterSource
 
-from ncserve.cli.client_cmds import DB_OPTION, client_options, connection_command, reading
+from ncserve.cli.connection import DB_OPTION, client_options, connection_command, reading
 from ncserve.errors import UserError
 
 if TYPE_CHECKING:
