@@ -157,11 +157,15 @@ class ServiceRounds(ModelCapture):
         in a background thread); the outcome says how far it got."""
         out = Outcome(self._local_round1(c))
         if self._exchange_round1(c, out):
-            assert out.means is not None
-            self._round2(c, out, out.means)
-            if self.rank == 0:
-                out.metrics = self._await_service_metrics(c.step)
+            self._finish_rounds(c, out)
         return out
+
+    def _finish_rounds(self, c: Capture, out: Outcome) -> None:
+        """Round 2 around the service's means, then (rank 0) the service's metrics."""
+        assert out.means is not None
+        self._round2(c, out, out.means)
+        if self.rank == 0:
+            out.metrics = self._await_service_metrics(c.step)
 
     def _exchange_round1(self, c: Capture, out: Outcome) -> bool:
         """Push this shard's round 1 and fetch the global means (no collective); True when
@@ -193,10 +197,16 @@ class ServiceRounds(ModelCapture):
             return False
         return out.means is not None
 
-    def _node_round1(self, c: Capture) -> Outcome:
-        """This rank's round 1 summed over its node (held by the leader; a collective)."""
-        assert self.nodes is not None
-        return Outcome(self.nodes.sum_round1(self._local_round1(c)))
+    def _round1_outcome(self, c: Capture) -> Outcome:
+        """This rank's round 1, summed over its node in node mode (held by the leader; a
+        collective)."""
+        r1 = self._local_round1(c)
+        return Outcome(self.nodes.sum_round1(r1) if self.nodes is not None else r1)
+
+    def _share_answer(self, out: Outcome) -> None:
+        """In node mode, the leader's answer from the service on every rank of the node."""
+        if self.nodes is not None:
+            out.stored, out.means = self.nodes.from_leader((out.stored, out.means))
 
     def _node_exchange(self, c: Capture, out: Outcome) -> Outcome:
         self._exchange_round1(c, out)
@@ -205,12 +215,9 @@ class ServiceRounds(ModelCapture):
     def _node_round2(self, c: Capture, out: Outcome) -> Outcome:
         """The leader's answer from the service, shared with its node, then the node's round
         2 (collectives, in the training thread)."""
-        assert self.nodes is not None
-        out.stored, out.means = self.nodes.from_leader((out.stored, out.means))
+        self._share_answer(out)
         if not out.stored and out.means is not None:
-            self._round2(c, out, out.means)
-            if self.rank == 0:
-                out.metrics = self._await_service_metrics(c.step)
+            self._finish_rounds(c, out)
         return out
 
     def _round2(self, c: Capture, out: Outcome, means: ClassMeans) -> None:

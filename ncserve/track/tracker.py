@@ -266,7 +266,7 @@ class Tracker(ServiceRounds):
             return None
         # One shard per node: the node's sums are collectives, so they run here, in the
         # training thread; the leader's wait for the service's means runs in the background.
-        out = self._node_round1(capture)
+        out = self._round1_outcome(capture)
         if not in_background:
             return self._conclude(
                 capture, self._node_round2(capture, self._node_exchange(capture, out))
@@ -320,18 +320,14 @@ class Tracker(ServiceRounds):
         means before pass 2, since a forward may be a collective (FSDP, ZeRO-3)."""
         w_KP, b_K = self.classifier_arrays()
         c = Capture(step, epoch, dict(scalars or {}), None, None, w_KP, b_K, loader, holdout_loader)
-        out = self._node_round1(c) if self.nodes is not None else Outcome(self._local_round1(c))
+        out = self._round1_outcome(c)
         self._exchange_round1(c, out)
-        if self.nodes is not None:
-            out.stored, out.means = self.nodes.from_leader((out.stored, out.means))
+        self._share_answer(out)
         not_stored, have_means = self._all_true_many(not out.stored, out.means is not None)
         if not_stored and not have_means:
             out.means = None  # every rank's pass 2 runs in the fallback, around merged means
         elif not_stored:
-            assert out.means is not None
-            self._round2(c, out, out.means)
-            if self.rank == 0:
-                out.metrics = self._await_service_metrics(c.step)
+            self._finish_rounds(c, out)
         return self._conclude(c, out)
 
     def _conclude(self, c: Capture, out: Outcome) -> dict[str, float] | None:
