@@ -404,14 +404,14 @@ class TrackingConfig(_Section):
     tensorboard: Annotated[Path | None, Cli(("--tensorboard",), type=_PATH)] = Field(
         None, description="Also write TensorBoard event files to this folder."
     )
-    shard_per_rank: Annotated[
-        bool, Cli(("--shard-per-rank/--shard-per-node",), is_flag=True)
-    ] = Field(
-        False,
-        description="Each rank pushes its own shard of statistics to the service. Per node (the "
-        "default), the ranks of a node sum their statistics in float64 with a collective on the "
-        "training device and one rank per node pushes: the service sees one shard per node, with "
-        "the same metrics.",
+    shard_per_rank: Annotated[bool, Cli(("--shard-per-rank/--shard-per-node",), is_flag=True)] = (
+        Field(
+            False,
+            description="Each rank pushes its own shard of statistics to the service. Per node (the "
+            "default), the ranks of a node sum their statistics in float64 with a collective on the "
+            "training device and one rank per node pushes: the service sees one shard per node, with "
+            "the same metrics.",
+        )
     )
     sweep_id: Annotated[str | None, Cli(("--sweep-id",))] = Field(
         None,
