@@ -21,13 +21,7 @@ from launcher.options import FLAG_BY_PATH, FLAGS, add_flags, preflight
 from launcher.resolve import describe_validation_error, load_yaml, merge, resolve, to_yaml
 from launcher.sweep.command import sweep_command
 from ncserve.errors import UserError
-
-
-def _set(tree: dict[str, Any], path: str, value: Any) -> None:
-    *sections, leaf = path.split(".")
-    for section in sections:
-        tree = tree.setdefault(section, {})
-    tree[leaf] = value
+from ncserve.report.settings import assign
 
 
 def build_config(ctx: click.Context, config_file: Path | None, values: dict[str, Any]) -> RunConfig:
@@ -39,9 +33,9 @@ def build_config(ctx: click.Context, config_file: Path | None, values: dict[str,
         source = ctx.get_parameter_source(flag.name)
         value = values[flag.name]
         if source is ParameterSource.ENVIRONMENT:
-            _set(from_env, flag.path, value)
+            assign(from_env, flag.path, value)
         elif source is ParameterSource.COMMANDLINE:
-            _set(from_flags, flag.path, value)
+            assign(from_flags, flag.path, value)
     layered = merge(merge(from_file, from_env), from_flags)
     base: dict[str, Any] = {}
     if layered.get("resume"):

@@ -33,6 +33,7 @@ from launcher.options import FLAG_BY_PATH, FLAGS, preflight
 from launcher.resolve import describe_validation_error, resolve
 from ncserve.errors import UserError
 from ncserve.protocol import RUN_ID_PATTERN, RUN_ID_RULE
+from ncserve.report.settings import assign
 
 GRID_KEYS: tuple[str, ...] = ("base", "axes", "groups")
 # Settings the sweep decides for every run; a grid that sets them would break the layout.
@@ -296,11 +297,7 @@ def load_grid(path: Path) -> tuple[dict[str, Any], list[dict[str, list[Any]]]]:
 def settings_tree(flat: dict[str, Any]) -> dict[str, Any]:
     tree: dict[str, Any] = {}
     for path, value in flat.items():
-        *sections, leaf = path.split(".")
-        node = tree
-        for section in sections:
-            node = node.setdefault(section, {})
-        node[leaf] = value
+        assign(tree, path, value)
     return tree
 
 

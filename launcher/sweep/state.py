@@ -25,6 +25,7 @@ from launcher.resolve import load_yaml, to_yaml
 from launcher.rundir import RunDir, write_atomic
 from launcher.sweep.grid import RUN_LOCAL, PlannedRun, SweepPlan, settings_tree
 from ncserve.errors import UserError
+from ncserve.report.settings import lookup
 
 NEW, UNFINISHED, DONE = "new", "unfinished", "done"
 # How long a point waits for the service to answer whether it is done (the service may
@@ -59,11 +60,7 @@ def check_same_settings(plan: SweepPlan, run: PlannedRun) -> None:
     for path in run.settings:
         if path in RUN_LOCAL:
             continue
-        have: Any = saved
-        want: Any = planned
-        for part in path.split("."):
-            have = have.get(part) if isinstance(have, dict) else None
-            want = want.get(part) if isinstance(want, dict) else None
+        have, want = lookup(saved, path), lookup(planned, path)
         if have != want:
             raise UserError(
                 f"{plan.run_dir(run)} holds a run with {path} = {have!r}, but the grid now "

@@ -290,7 +290,8 @@ class NCClient(Delivery, ServiceQueries):
         """
         deadline = time.monotonic() + timeout_s
         self._check_open()
-        known = self._shapes.get(run_id)
+        with self._counts_lock:
+            known = self._shapes.get(run_id)
         if known is not None:
             deadline += transfer_allowance_s(8 * known[0] * (known[1] + 1))
         # This rank's own round 1 may still be in the buffer; the service cannot answer

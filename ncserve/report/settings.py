@@ -56,6 +56,14 @@ def lookup(config: Mapping[str, Any], dotted: str, default: Any = None) -> Any:
     return value
 
 
+def assign(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """``tree["optim"]["lr"] = value`` for ``"optim.lr"``, creating the levels missing."""
+    *sections, leaf = dotted.split(".")
+    for section in sections:
+        tree = tree.setdefault(section, {})
+    tree[leaf] = value
+
+
 def settings_metadata(config: Mapping[str, Any]) -> dict[str, str]:
     """Run metadata carrying the report's settings of a nested ``config`` (None: left out)."""
     metadata: dict[str, str] = {}
@@ -79,9 +87,5 @@ def config_from_metadata(metadata: Mapping[str, str]) -> dict[str, Any]:
             value = setting.kind(text)
         except ValueError:
             continue
-        *sections, leaf = setting.path.split(".")
-        node = config
-        for section in sections:
-            node = node.setdefault(section, {})
-        node[leaf] = value
+        assign(config, setting.path, value)
     return config
